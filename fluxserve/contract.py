@@ -1,0 +1,144 @@
+"""The request contract shared by the Triton model, the client and the perf harness.
+
+Inputs:  PROMPT (BYTES [1], required), SEED (INT64 [1]), STEPS (INT32 [1]), GUIDANCE (FP32 [1]),
+         HEIGHT and WIDTH (INT32 [1], multiples of 16).
+Outputs: IMAGE (UINT8 [H, W, 3], RGB), IMAGE_PNG (BYTES [1]), STEPS_COMPUTED (INT32 [1]),
+         INFO (BYTES [1], JSON telemetry).
+Every check fails with `InvalidInput`, whose message names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+# name -> (config datatype, optional)
+INPUTS = {
+    "PROMPT": ("TYPE_STRING", False),
+    "SEED": ("TYPE_INT64", True),
+    "STEPS": ("TYPE_INT32", True),
+    "GUIDANCE": ("TYPE_FP32", True),
+    "HEIGHT": ("TYPE_INT32", True),
+    "WIDTH": ("TYPE_INT32", True),
+}
+# name -> (config datatype, dims)
+OUTPUTS = {
+    "IMAGE": ("TYPE_UINT8", [-1, -1, 3]),
+    "IMAGE_PNG": ("TYPE_STRING", [1]),
+    "STEPS_COMPUTED": ("TYPE_INT32", [1]),
+    "INFO": ("TYPE_STRING", [1]),
+}
+SIZE_MULTIPLE = 16
+SEED_MAX = 2**63 - 1
+
+
+class InvalidInput(ValueError):
+    """A request input outside the contract; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-model request limits; every field can be overridden by a `config.pbtxt` parameter of that name."""
+
+    default_steps: int = 28
+    min_steps: int = 1
+    max_steps: int = 100
+    default_guidance: float = 3.5
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    default_size: int = 1024
+    min_size: int = 64
+    max_size: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_prompt_chars: int = 2000
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> Limits:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in parameters:
+                convert = float if f.type == "float" else int
+                try:
+                    kwargs[f.name] = convert(parameters[f.name])
+                except ValueError:
+                    raise ValueError(f"limit parameter '{f.name}' must be a number, got {parameters[f.name]!r}")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+
+
+def _scalar(inputs: dict, name: str) -> np.generic | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.size != 1:
+        raise InvalidInput(f"{name} must hold exactly one value (shape [1]), got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _integer(inputs: dict, name: str, default: int, low: int, high: int, multiple: int = 1) -> int:
+    value = _scalar(inputs, name)
+    if value is None:
+        return default
+    if not np.issubdtype(type(value), np.integer):
+        raise InvalidInput(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not low <= value <= high or value % multiple:
+        step = f" and a multiple of {multiple}" if multiple > 1 else ""
+        raise InvalidInput(f"{name} must be in [{low}, {high}]{step}, got {value}")
+    return value
+
+
+def _prompt(inputs: dict, limits: Limits) -> str:
+    value = _scalar(inputs, "PROMPT")
+    if value is None:
+        raise InvalidInput("PROMPT is required (BYTES, shape [1], UTF-8 text)")
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("PROMPT must be UTF-8 text") from None
+    if not isinstance(value, str):
+        raise InvalidInput(f"PROMPT must be UTF-8 text (BYTES), got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidInput("PROMPT must be a non-empty string")
+    if len(value) > limits.max_prompt_chars:
+        raise InvalidInput(f"PROMPT must be at most {limits.max_prompt_chars} characters, got {len(value)}")
+    return value
+
+
+def parse_request(inputs: dict, limits: Limits = Limits()) -> GenerationRequest:
+    """Validate raw input arrays (name -> numpy array, absent = None) into a GenerationRequest."""
+    prompt = _prompt(inputs, limits)
+    seed = _integer(inputs, "SEED", random.randint(0, 2**31 - 1), 0, SEED_MAX)
+    steps = _integer(inputs, "STEPS", limits.default_steps, limits.min_steps, limits.max_steps)
+    size = (limits.default_size, limits.min_size, limits.max_size, SIZE_MULTIPLE)
+    height = _integer(inputs, "HEIGHT", *size)
+    width = _integer(inputs, "WIDTH", *size)
+    if height * width > limits.max_pixels:
+        raise InvalidInput(f"HEIGHT x WIDTH must be at most {limits.max_pixels} pixels, got {height}x{width}")
+    guidance = _scalar(inputs, "GUIDANCE")
+    if guidance is None:
+        guidance = limits.default_guidance
+    else:
+        if not np.issubdtype(type(guidance), np.floating):
+            raise InvalidInput(f"GUIDANCE must be a float (FP32), got {type(guidance).__name__}")
+        guidance = float(guidance)
+        if not math.isfinite(guidance) or not limits.min_guidance <= guidance <= limits.max_guidance:
+            raise InvalidInput(f"GUIDANCE must be a finite number in [{limits.min_guidance}, {limits.max_guidance}], got {guidance}")
+    return GenerationRequest(prompt=prompt, seed=seed, steps=steps, guidance=guidance, height=height, width=width)

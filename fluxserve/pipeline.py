@@ -1,0 +1,166 @@
+"""(stack, weights source, device) -> a ready pipeline that generates images and counts computed steps."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .contract import GenerationRequest
+from .optimize import TORCH_DTYPES, check_supported, optimize_transformer
+from .stacks import Stack
+from .weights import WeightsSource, load_pipeline
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1-dev reads
+ATTENTION_OP_MARKERS = ("scaled_dot_product", "flash_attn", "attention")
+
+
+class StepCounter:
+    """Counts transformer forwards that really ran the blocks.
+
+    The pre-hook sits on a module inside the last single block: a hook on the block itself still fires when
+    a step cache skips it (the cache replaces the block's forward, not its call)."""
+
+    def __init__(self, transformer) -> None:
+        self.count = 0
+        transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(self._count)
+
+    @torch.compiler.disable
+    def _count(self, module, args) -> None:
+        self.count += 1
+
+
+@dataclass
+class Generation:
+    """The result of one request: the image (uint8 HxWx3) and its telemetry."""
+
+    image: np.ndarray
+    steps_computed: int
+    cancelled: bool
+    timings_ms: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+class StackPipeline:
+    """A FluxPipeline with a stack applied. Not thread-safe: Triton calls one instance serially."""
+
+    def __init__(self, stack: Stack, pipe, device: torch.device, weights: WeightsSource, attention_backend: str):
+        self.stack = stack
+        self.pipe = pipe
+        self.device = device
+        self.weights = weights
+        self.attention_backend = attention_backend
+        self.attention_kernel = "unknown (not warmed up)"
+        self.steps = StepCounter(pipe.transformer)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """Say what the text encoders will not read (diffusers truncates silently into its log)."""
+        warnings = []
+        for label, tokenizer, limit in (
+            ("CLIP", self.pipe.tokenizer, self.pipe.tokenizer_max_length),
+            ("T5", self.pipe.tokenizer_2, MAX_SEQUENCE_LENGTH),
+        ):
+            count = len(tokenizer(prompt, truncation=False).input_ids)
+            if count > limit:
+                warnings.append(f"PROMPT truncated: it has {count} {label} tokens, {label} reads the first {limit}")
+        return warnings
+
+    @torch.inference_mode()
+    def generate(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> Generation:
+        """Run one request. `should_stop` is polled after every denoising step (cancellation)."""
+        pipe = self.pipe
+        cancelled = False
+
+        def on_step_end(pipeline, step, timestep, tensors):
+            nonlocal cancelled
+            if should_stop is not None and should_stop():
+                cancelled = True
+                pipeline._interrupt = True
+            return tensors
+
+        start = self._sync()
+        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            prompt=request.prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
+        )
+        encoded = self._sync()
+        self.steps.count = 0
+        latents = pipe(
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+        ).images
+        denoised = self._sync()
+        image = self._decode(latents, request.height, request.width)
+        decoded = self._sync()
+        pixels = image.cpu().numpy()
+        done = time.perf_counter()
+        timings = {
+            "text_encode": encoded - start,
+            "denoise": denoised - encoded,
+            "vae_decode": decoded - denoised,
+            "to_host": done - decoded,
+        }
+        return Generation(
+            image=pixels,
+            steps_computed=self.steps.count,
+            cancelled=cancelled,
+            timings_ms={name: round(seconds * 1000, 3) for name, seconds in timings.items()},
+            warnings=self.prompt_warnings(request.prompt),
+        )
+
+    def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> uint8 RGB image (H, W, 3) on the device, as FluxPipeline's own decode does."""
+        pipe = self.pipe
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pixels = pipe.vae.decode(latents, return_dict=False)[0][0]
+        return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+    def warm_up(self, request: GenerationRequest) -> None:
+        """Run the request once (compiles, autotunes, allocates), then once more under the profiler to see
+        which attention kernel actually runs."""
+        self.generate(request)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.generate(GenerationRequest(**{**request.__dict__, "steps": 1}))
+        self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
+
+
+def attention_kernel_from_events(names) -> str:
+    """The most specific attention op seen (e.g. aten::_scaled_dot_product_cudnn_attention), not the
+    `scaled_dot_product_attention` dispatcher around it."""
+    seen = {name for name in names if any(marker in name.lower() for marker in ATTENTION_OP_MARKERS)}
+    specific = sorted(name for name in seen if name != "aten::scaled_dot_product_attention")
+    return ", ".join(specific) or ", ".join(sorted(seen)) or "none seen"
+
+
+def build_pipeline(
+    stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None
+) -> StackPipeline:
+    """Load the weights, apply the stack and warm up (compiling, when the stack compiles)."""
+    check_supported(stack, device)
+    pipe = load_pipeline(weights, TORCH_DTYPES[stack.dtype], device)
+    pipe.set_progress_bar_config(disable=True)
+    backend = optimize_transformer(pipe.transformer, stack, device)
+    stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
+    if warm_up is not None:
+        stack_pipeline.warm_up(warm_up)
+    return stack_pipeline

@@ -1,0 +1,133 @@
+"""Start the real tritonserver on model_repository/ in explicit model-control mode.
+
+Uses the system `tritonserver` when there is one (NGC container), else the binary shipped in the
+nvidia-pytriton wheel, with a backend directory holding the Python backend and the stub built for the running
+Python. Binds to 127.0.0.1 unless told otherwise. Usage: python -m fluxserve.serve [--models bf16,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .repository import REPOSITORY
+from .stacks import DEFAULT_STACK
+from .weights import ENV_VAR, default_source, parse_source
+from .serving import WARMUP_SIZE_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
+BACKEND_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve" / "backends"
+
+
+@dataclass
+class TritonInstall:
+    """A tritonserver binary, the backend directory to pass it (None: its own), and environment additions."""
+
+    binary: Path
+    backend_directory: Path | None = None
+    library_path: list[str] = field(default_factory=list)
+
+
+def _wheel_install() -> TritonInstall:
+    """The tritonserver of the nvidia-pytriton wheel, with a backend directory for this Python's stub."""
+    try:
+        import pytriton
+    except ImportError:
+        raise SystemExit("no tritonserver found: install nvidia-pytriton or run inside the NGC Triton image") from None
+    wheel = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise SystemExit(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    backend = BACKEND_CACHE / version / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in (*(wheel / "backends" / "python").iterdir(), stub):
+        target = backend / source.name
+        if source.is_file() and (not target.exists() or target.stat().st_mtime < source.stat().st_mtime):
+            shutil.copy2(source, target)
+    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+    return TritonInstall(wheel / "bin" / "tritonserver", backend.parent, libraries)
+
+
+def find_triton() -> TritonInstall:
+    """The system tritonserver if present, else the wheel's."""
+    system = shutil.which("tritonserver") or (str(SYSTEM_TRITON) if SYSTEM_TRITON.is_file() else None)
+    return TritonInstall(Path(system)) if system else _wheel_install()
+
+
+def server_command(
+    install: TritonInstall, models: list[str], repository: Path = REPOSITORY, address: str = "127.0.0.1",
+    http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, extra: list[str] = (),
+) -> list[str]:
+    command = [
+        str(install.binary),
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={model}" for model in models),
+        f"--http-address={address}", f"--http-port={http_port}",
+        f"--grpc-address={address}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={address}", f"--metrics-port={metrics_port}",
+        "--exit-on-error=true",
+        # Server readiness: up, with its startup models loaded (they are READY only after warm-up). Not strict:
+        # a stack that later fails to load must not take the models that serve out of a load balancer.
+        "--strict-readiness=false",
+    ]
+    if install.backend_directory is not None:
+        command.append(f"--backend-directory={install.backend_directory}")
+    return [*command, *extra]
+
+
+def server_environment(install: TritonInstall, weights: str, base: dict | None = None) -> dict[str, str]:
+    """The server's environment: this Python first on PATH (the backend runs the stub with it), the
+    wheel's libraries on LD_LIBRARY_PATH, this checkout on PYTHONPATH, and the weights source."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*install.library_path, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env[ENV_VAR] = weights
+    return env
+
+
+def resolve_weights(spec: str | None) -> str:
+    """The weights source to serve: the one given, else the default, announced loudly when synthetic."""
+    if spec:
+        return str(parse_source(spec))
+    source, why = default_source()
+    if source.kind == "synthetic":
+        banner = "!" * 78
+        print(f"{banner}\n! fluxserve: {why}.\n! Serving {source}: images are noise. "
+              f"Give real weights with --weights or {ENV_VAR}.\n{banner}", file=sys.stderr, flush=True)
+    return str(source)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_STACK, help=f"comma-separated stacks to load (default {DEFAULT_STACK}); '' loads none")
+    parser.add_argument("--weights", default=os.environ.get(ENV_VAR), help=f"weights source (default: ${ENV_VAR}, else cached FLUX.1-dev, else synthetic)")
+    parser.add_argument("--address", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--warmup-size", type=int, help=f"square size of the warm-up generation (default: the models' default size; sets {WARMUP_SIZE_ENV})")
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument("tritonserver_args", nargs="*", help="further tritonserver flags, after --")
+    args = parser.parse_args(argv)
+    install = find_triton()
+    models = [model for model in args.models.split(",") if model]
+    env = server_environment(install, resolve_weights(args.weights))
+    if args.warmup_size:
+        env[WARMUP_SIZE_ENV] = str(args.warmup_size)
+    command = server_command(install, models, args.repository, args.address, args.http_port, args.grpc_port,
+                             args.metrics_port, args.tritonserver_args)
+    print("fluxserve: " + " ".join(command), file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, env)
+
+
+if __name__ == "__main__":
+    main()

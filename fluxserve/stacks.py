@@ -1,0 +1,160 @@
+"""The stack catalog: every optimization stack the project serves, as validated frozen values.
+
+A stack's model name is derived from its fields, so the catalog cannot disagree with itself; the
+repository generator writes one Triton model per stack, with the fields as `config.pbtxt` parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DTYPES = ("bf16", "fp16")
+ATTENTIONS = ("sdpa", "fa2", "cudnn")
+CACHES = ("none", "fbcache")
+QUANTIZATIONS = ("none", "fp8", "int8")
+COMPILES = ("none", "regional", "full")
+
+ATTENTION_LABELS = {"sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention"}
+QUANTIZATION_LABELS = {"fp8": "torchao fp8 dynamic per-row", "int8": "torchao int8 dynamic"}
+
+
+class StackError(ValueError):
+    """A stack definition that is invalid (unknown value or impossible combination)."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One optimization stack. `seed_row` names the row of the seed benchmark it reproduces ("" if new)."""
+
+    dtype: str = "bf16"
+    attention: str = "sdpa"
+    cache: str = "none"
+    cache_threshold: float = 0.0
+    quantization: str = "none"
+    fuse_qkv: bool = False
+    compile: str = "none"
+    seed_row: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for field, allowed in (
+            ("dtype", DTYPES), ("attention", ATTENTIONS), ("cache", CACHES),
+            ("quantization", QUANTIZATIONS), ("compile", COMPILES),
+        ):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise StackError(f"stack field '{field}' is {value!r}; allowed: {', '.join(allowed)}")
+        if self.cache == "none" and self.cache_threshold != 0.0:
+            raise StackError("stack field 'cache_threshold' is set but 'cache' is 'none'")
+        if self.cache != "none" and not self.cache_threshold >= 0.0:
+            raise StackError(f"stack field 'cache_threshold' must be >= 0, got {self.cache_threshold}")
+        if self.quantization != "none" and self.dtype != "bf16":
+            raise StackError(f"quantization '{self.quantization}' runs with bf16 activations; dtype is {self.dtype}")
+        if self.compile == "full" and self.cache != "none":
+            raise StackError(
+                "compile 'full' cannot be combined with a step cache: the cache's skip decision breaks the "
+                "full graph; use compile 'regional'"
+            )
+
+    @property
+    def name(self) -> str:
+        """Model name, derived from the fields: dtype first, then each optimization that is on."""
+        parts = [self.dtype]
+        if self.attention != "sdpa":
+            parts.append(self.attention)
+        if self.cache != "none":
+            parts.append(f"{self.cache}-{_plain_number(self.cache_threshold)}")
+        if self.quantization != "none":
+            parts.append(self.quantization)
+        if self.fuse_qkv:
+            parts.append("fusedqkv")
+        if self.compile != "none":
+            parts.append(f"compile-{self.compile}")
+        return "-".join(parts)
+
+    @property
+    def description(self) -> str:
+        """What the stack applies, in words (for the README's stack table and INFO)."""
+        parts = [self.dtype, ATTENTION_LABELS[self.attention]]
+        if self.cache != "none":
+            parts.append(f"{self.cache} threshold {self.cache_threshold:g}")
+        if self.quantization != "none":
+            parts.append(QUANTIZATION_LABELS[self.quantization])
+        if self.fuse_qkv:
+            parts.append("fused QKV projections")
+        if self.compile != "none":
+            parts.append(f"torch.compile ({self.compile})")
+        return ", ".join(parts)
+
+    def to_parameters(self) -> dict[str, str]:
+        """The stack as Triton `parameters` (string values)."""
+        parameters = {}
+        for f in dataclasses.fields(self):
+            if f.name != "seed_row":
+                value = getattr(self, f.name)
+                parameters[f.name] = str(value).lower() if isinstance(value, bool) else str(value)
+        return parameters
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> Stack:
+        """Inverse of `to_parameters`; unknown keys are ignored (they belong to limits or the model)."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "seed_row" or f.name not in parameters:
+                continue
+            raw = parameters[f.name]
+            if f.type == "bool":
+                if raw.lower() not in ("true", "false"):
+                    raise StackError(f"stack field '{f.name}' must be true or false, got {raw!r}")
+                kwargs[f.name] = raw.lower() == "true"
+            elif f.type == "float":
+                try:
+                    kwargs[f.name] = float(raw)
+                except ValueError:
+                    raise StackError(f"stack field '{f.name}' must be a number, got {raw!r}") from None
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+
+def _plain_number(value: float) -> str:
+    """0.15 -> '0.15', 1e6 -> '1000000': no '+' or 'e', so model names stay URL-safe."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _seed(row: str, **fields) -> Stack:
+    return Stack(seed_row=row, **fields)
+
+
+# Every row of the seed benchmark's tables (TeaCache rows arrive with the TeaCache issue). Where the seed
+# leaves the dtype implicit (FlashAttention2, FBCache, TorchAO rows) we use bf16: the seed's best configs are
+# bf16, and fp16 appears only as its baseline.
+CATALOG: tuple[Stack, ...] = (
+    _seed("Baseline (FP16)", dtype="fp16"),
+    _seed("BF16"),
+    _seed("FlashAttention2", attention="fa2"),
+    _seed("FBCache (0.15)", cache="fbcache", cache_threshold=0.15),
+    _seed("FBCache (0.2)", cache="fbcache", cache_threshold=0.2),
+    _seed("FBCache (0.3)", cache="fbcache", cache_threshold=0.3),
+    _seed("FBCache (0.35)", cache="fbcache", cache_threshold=0.35),
+    _seed("FBCache (0.4)", cache="fbcache", cache_threshold=0.4),
+    _seed("FBCache+FA2 (0.2)", attention="fa2", cache="fbcache", cache_threshold=0.2),
+    _seed("TorchAO FP8", quantization="fp8"),
+    _seed("BF16+FA2+FBCache (0.3)", attention="fa2", cache="fbcache", cache_threshold=0.3),
+    _seed("BF16+FA2+FBCache (0.3)+TorchAO FP8", attention="fa2", cache="fbcache", cache_threshold=0.3,
+          quantization="fp8"),
+    _seed("BF16+FA2+FBCache (0.3)+TorchAO INT8", attention="fa2", cache="fbcache", cache_threshold=0.3,
+          quantization="int8"),
+)
+
+DEFAULT_STACK = "bf16"
+
+
+def catalog_by_name() -> dict[str, Stack]:
+    """The catalog keyed by model name; fails if two stacks would share a name."""
+    stacks = {}
+    for stack in CATALOG:
+        if stack.name in stacks:
+            raise StackError(f"two catalog stacks share the name {stack.name!r}")
+        stacks[stack.name] = stack
+    return stacks

@@ -1,0 +1,138 @@
+"""Fixtures: the real tritonserver (through the project's launcher) serving synthetic:tiny on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fluxserve.repository import config_pbtxt, MODEL_PY  # noqa: E402
+from fluxserve.stacks import Stack  # noqa: E402
+
+# Models the tests load besides catalog ones: FBCache at the extremes of its threshold.
+FBCACHE_NEVER_SKIPS = Stack(cache="fbcache", cache_threshold=0.0)
+FBCACHE_ALWAYS_SKIPS = Stack(cache="fbcache", cache_threshold=1e6)
+TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS)
+SERVER_START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(tmp: Path, models: list[str], repository: Path | None = None, extra_args=(), env_extra=None) -> Server:
+    """Start the launcher (`python -m fluxserve.serve`) on free ports and wait until it is ready."""
+    import tritonclient.http as httpclient
+
+    ports = [free_port() for _ in range(3)]
+    log_path = tmp / f"tritonserver-{ports[0]}.log"
+    command = [
+        sys.executable, "-m", "fluxserve.serve", "--models", ",".join(models), "--http-port", str(ports[0]),
+        "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--warmup-size", "64",
+    ]
+    if repository is not None:
+        command += ["--repository", str(repository)]
+    command += list(extra_args)
+    env = {**os.environ, "FLUXSERVE_WEIGHTS": "synthetic:tiny", **(env_extra or {})}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, *ports, log_path)
+    client = httpclient.InferenceServerClient(server.http_url)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {process.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if client.is_server_ready():
+                return server
+        except Exception:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"tritonserver not ready after {SERVER_START_TIMEOUT_S} s:\n{server.log()[-5000:]}")
+
+
+@pytest.fixture(scope="session")
+def test_repository(tmp_path_factory) -> Path:
+    """The committed model repository plus the test-only stacks."""
+    repository = tmp_path_factory.mktemp("repo") / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repository)
+    for stack in TEST_STACKS:
+        (repository / stack.name / "1").mkdir(parents=True)
+        (repository / stack.name / "config.pbtxt").write_text(config_pbtxt(stack))
+        (repository / stack.name / "1" / "model.py").write_text(MODEL_PY)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, test_repository):
+    """One server for the whole session with the baseline, two catalog stacks and the FBCache extremes."""
+    models = ["bf16", "bf16-fa2-fbcache-0.3-int8", "fp16", *(stack.name for stack in TEST_STACKS)]
+    server = start_server(tmp_path_factory.mktemp("server"), models, repository=test_repository)
+    yield server
+    server.stop()
+
+
+def make_inputs(module, prompt="a red fox in snow", **fields):
+    """Contract inputs for tritonclient `module` (tritonclient.http or .grpc); fields are SEED=..., etc."""
+    types = {"SEED": ("INT64", np.int64), "STEPS": ("INT32", np.int32), "HEIGHT": ("INT32", np.int32),
+             "WIDTH": ("INT32", np.int32), "GUIDANCE": ("FP32", np.float32)}
+    inputs = []
+    if prompt is not None:
+        tensor = module.InferInput("PROMPT", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([prompt.encode() if isinstance(prompt, str) else prompt], dtype=np.object_))
+        inputs.append(tensor)
+    for name, value in fields.items():
+        datatype, dtype = types[name]
+        tensor = module.InferInput(name, [1], datatype)
+        tensor.set_data_from_numpy(np.array([value], dtype=dtype))
+        inputs.append(tensor)
+    return inputs

@@ -1,0 +1,96 @@
+"""The stack catalog, the generated repository and the request contract, without a server."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fluxserve.contract import InvalidInput, Limits, parse_request
+from fluxserve.repository import differences
+from fluxserve.stacks import CATALOG, Stack, StackError, catalog_by_name
+from fluxserve.weights import WeightsError, parse_source
+
+SEED_ROWS = {
+    "Baseline (FP16)", "BF16", "FlashAttention2", "FBCache (0.15)", "FBCache (0.2)", "FBCache (0.3)",
+    "FBCache (0.35)", "FBCache (0.4)", "FBCache+FA2 (0.2)", "TorchAO FP8", "BF16+FA2+FBCache (0.3)",
+    "BF16+FA2+FBCache (0.3)+TorchAO FP8", "BF16+FA2+FBCache (0.3)+TorchAO INT8",
+}
+
+
+def test_committed_repository_matches_the_catalog():
+    assert differences(ROOT / "model_repository") == []
+
+
+def test_catalog_covers_every_seed_row_once():
+    rows = [stack.seed_row for stack in CATALOG if stack.seed_row]
+    assert SEED_ROWS <= set(rows) and len(rows) == len(set(rows))
+    assert len(catalog_by_name()) == len(CATALOG)
+
+
+def test_stack_round_trips_through_config_parameters():
+    for stack in CATALOG:
+        assert Stack.from_parameters(stack.to_parameters()) == stack
+
+
+@pytest.mark.parametrize(
+    "fields,words",
+    [
+        ({"dtype": "fp32"}, ["dtype", "bf16, fp16"]),
+        ({"attention": "sage"}, ["attention", "sdpa"]),
+        ({"cache_threshold": 0.2}, ["cache_threshold", "none"]),
+        ({"cache": "fbcache", "cache_threshold": -1.0}, ["cache_threshold", ">= 0"]),
+        ({"cache": "fbcache", "cache_threshold": math.nan}, ["cache_threshold"]),
+        ({"dtype": "fp16", "quantization": "int8"}, ["bf16"]),
+        ({"cache": "fbcache", "cache_threshold": 0.2, "compile": "full"}, ["regional"]),
+    ],
+)
+def test_invalid_stacks_fail_with_a_clear_message(fields, words):
+    with pytest.raises(StackError) as error:
+        Stack(**fields)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_parameters_with_a_bad_boolean_are_rejected():
+    with pytest.raises(StackError, match="fuse_qkv"):
+        Stack.from_parameters({"fuse_qkv": "yes"})
+
+
+def test_parse_request_applies_limits_from_parameters():
+    limits = Limits.from_parameters({"max_steps": "8", "max_size": "512"})
+    request = {"PROMPT": np.array([b"hi"], np.object_)}
+    with pytest.raises(InvalidInput, match=r"STEPS must be in \[1, 8\]"):
+        parse_request({**request, "STEPS": np.array([9], np.int32)}, limits)
+    with pytest.raises(InvalidInput, match="HEIGHT"):
+        parse_request({**request, "HEIGHT": np.array([1024], np.int32)}, limits)
+    parsed = parse_request({**request, "SEED": np.array([3], np.int64)}, Limits(default_size=512, max_size=512))
+    assert (parsed.seed, parsed.steps, parsed.height, parsed.width) == (3, 28, 512, 512)
+
+
+def test_max_pixels_limit_names_both_fields():
+    limits = Limits(max_pixels=1024 * 1024)
+    with pytest.raises(InvalidInput, match="HEIGHT x WIDTH must be at most 1048576"):
+        parse_request({"PROMPT": np.array([b"hi"], np.object_), "HEIGHT": np.array([2048], np.int32)}, limits)
+
+
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ("synthetic:huge", ["synthetic", "tiny, full"]),
+        ("/no/such/folder", ["/no/such/folder", "model_index.json"]),
+        ("not a source", ["neither"]),
+    ],
+)
+def test_bad_weights_sources_name_what_was_expected(spec, words):
+    with pytest.raises(WeightsError) as error:
+        parse_source(spec)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_folder_without_pipeline_is_rejected(tmp_path):
+    with pytest.raises(WeightsError, match="model_index.json"):
+        parse_source(str(tmp_path))

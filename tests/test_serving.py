@@ -1,0 +1,176 @@
+"""The foundation's contract, through the real tritonserver over HTTP and gRPC (synthetic:tiny on CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from conftest import FBCACHE_ALWAYS_SKIPS, FBCACHE_NEVER_SKIPS, make_inputs
+
+ALL_OUTPUTS = ("IMAGE", "IMAGE_PNG", "STEPS_COMPUTED", "INFO")
+PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
+
+
+def client_for(server, protocol):
+    module = PROTOCOLS[protocol]
+    return module, module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+
+
+def infer(server, model, protocol="http", outputs=ALL_OUTPUTS, prompt="a red fox in snow", **fields):
+    module, client = client_for(server, protocol)
+    requested = [module.InferRequestedOutput(name) for name in outputs]
+    return client.infer(model, make_inputs(module, prompt, **fields), outputs=requested)
+
+
+def info_of(result) -> dict:
+    return json.loads(result.as_numpy("INFO")[0])
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", ["bf16", "fp16", "bf16-fa2-fbcache-0.3-int8"])
+def test_generates_png_and_image_of_the_asked_size(server, protocol, model):
+    result = infer(server, model, protocol, SEED=7, STEPS=3, HEIGHT=80, WIDTH=112, GUIDANCE=4.0)
+    image = result.as_numpy("IMAGE")
+    assert image.dtype == np.uint8 and image.shape == (80, 112, 3)
+    png = Image.open(io.BytesIO(result.as_numpy("IMAGE_PNG")[0]))
+    assert png.format == "PNG" and png.mode == "RGB" and png.size == (112, 80)
+    assert np.array_equal(np.asarray(png), image)
+    info = info_of(result)
+    assert info["stack"] == model and info["model"] == model
+    assert info["steps_total"] == 3 and info["steps_computed"] == result.as_numpy("STEPS_COMPUTED")[0]
+    assert 1 <= info["steps_computed"] <= 3
+    assert info["seed"] == 7 and info["guidance"] == 4.0 and (info["height"], info["width"]) == (80, 112)
+    assert "attention" in info["attention_kernel"] and info["latency_ms"] > 0
+    assert {"text_encode", "denoise", "vae_decode", "png_encode"} <= set(info["timings_ms"])
+
+
+def test_defaults_apply_when_optional_inputs_are_absent(server):
+    info = info_of(infer(server, "bf16", outputs=("INFO",), HEIGHT=64, WIDTH=64))
+    assert info["steps_total"] == 28 and info["guidance"] == 3.5 and isinstance(info["seed"], int)
+
+
+def test_only_requested_outputs_are_computed(server):
+    result = infer(server, "bf16", outputs=("STEPS_COMPUTED", "INFO"), SEED=1, STEPS=2, HEIGHT=64, WIDTH=64)
+    assert result.as_numpy("IMAGE") is None and result.as_numpy("IMAGE_PNG") is None
+    assert "png_encode" not in info_of(result)["timings_ms"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_same_seed_gives_identical_bytes(server, protocol):
+    first, second, other = (
+        infer(server, "bf16", protocol, SEED=seed, STEPS=3, HEIGHT=64, WIDTH=64) for seed in (11, 11, 12)
+    )
+    assert first.as_numpy("IMAGE_PNG")[0] == second.as_numpy("IMAGE_PNG")[0]
+    assert np.array_equal(first.as_numpy("IMAGE"), second.as_numpy("IMAGE"))
+    assert not np.array_equal(first.as_numpy("IMAGE"), other.as_numpy("IMAGE"))
+
+
+def test_fbcache_threshold_zero_computes_every_step_and_matches_no_cache(server):
+    plain = infer(server, "bf16", SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
+    cached = infer(server, FBCACHE_NEVER_SKIPS.name, SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
+    assert cached.as_numpy("STEPS_COMPUTED")[0] == 6
+    assert np.array_equal(plain.as_numpy("IMAGE"), cached.as_numpy("IMAGE"))
+
+
+def test_fbcache_huge_threshold_computes_only_the_first_step(server):
+    result = infer(server, FBCACHE_ALWAYS_SKIPS.name, SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
+    assert result.as_numpy("STEPS_COMPUTED")[0] == 1
+    assert info_of(result)["steps_total"] == 6
+    assert result.as_numpy("IMAGE").shape == (64, 64, 3)
+
+
+BAD_INPUTS = [
+    # (description, prompt, fields, words the error must contain)
+    ("empty prompt", "", {}, ["PROMPT", "non-empty"]),
+    ("blank prompt", "   ", {}, ["PROMPT", "non-empty"]),
+    ("missing prompt", None, {"STEPS": 2}, ["PROMPT"]),
+    ("non-UTF-8 prompt", b"\xff\xfe\xfa", {}, ["PROMPT", "UTF-8"]),
+    ("prompt over the limit", "x" * 2001, {}, ["PROMPT", "2000"]),
+    ("height not a multiple of 16", "ok", {"HEIGHT": 72}, ["HEIGHT", "multiple of 16"]),
+    ("width too small", "ok", {"WIDTH": 16}, ["WIDTH", "[64, 2048]"]),
+    ("width too large", "ok", {"WIDTH": 4096}, ["WIDTH", "[64, 2048]"]),
+    ("steps below 1", "ok", {"STEPS": 0}, ["STEPS", "[1, 100]"]),
+    ("steps above 100", "ok", {"STEPS": 101}, ["STEPS", "[1, 100]"]),
+    ("NaN guidance", "ok", {"GUIDANCE": float("nan")}, ["GUIDANCE", "finite"]),
+    ("infinite guidance", "ok", {"GUIDANCE": float("inf")}, ["GUIDANCE", "finite"]),
+    ("negative guidance", "ok", {"GUIDANCE": -1.0}, ["GUIDANCE", "[0.0, 30.0]"]),
+    ("negative seed", "ok", {"SEED": -3}, ["SEED", "[0,"]),
+]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("description,prompt,fields,words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_invalid_arg_and_the_server_keeps_serving(server, protocol, description, prompt, fields, words):
+    with pytest.raises(InferenceServerException) as error:
+        infer(server, "bf16", protocol, prompt=prompt, **{"HEIGHT": 64, "WIDTH": 64, **fields})
+    message = error.value.message()
+    for word in words:
+        assert word in message, message
+    status = str(error.value.status())
+    assert status in ("400", "StatusCode.INVALID_ARGUMENT"), status
+    good = infer(server, "bf16", protocol, SEED=1, STEPS=1, HEIGHT=64, WIDTH=64)
+    assert good.as_numpy("IMAGE").shape == (64, 64, 3)
+
+
+def _raw_input(name, datatype, array):
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@pytest.mark.parametrize(
+    "tensor,words",
+    [
+        (lambda: _raw_input("STEPS", "FP32", np.array([4.0], np.float32)), ["STEPS", "expects 'INT32'"]),
+        (lambda: _raw_input("STEPS", "INT32", np.array([4, 5], np.int32)), ["STEPS", "[1]"]),
+        (lambda: _raw_input("PROMPT", "BYTES", np.array([b"a", b"b"], np.object_)), ["PROMPT", "[1]"]),
+    ],
+    ids=["wrong dtype", "wrong shape", "two prompts"],
+)
+def test_wrong_dtype_or_shape_is_rejected_by_name(server, tensor, words):
+    client = httpclient.InferenceServerClient(server.http_url)
+    inputs = [tensor()]
+    if inputs[0].name() != "PROMPT":
+        inputs += make_inputs(httpclient, "ok")
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("bf16", inputs)
+    for word in words:
+        assert word in error.value.message(), error.value.message()
+    assert client.is_model_ready("bf16")
+
+
+def test_overlong_prompt_is_truncated_with_a_warning(server):
+    prompt = " ".join(["lighthouse"] * 120)  # beyond CLIP's 77 tokens, within the character limit
+    info = info_of(infer(server, "bf16", outputs=("INFO",), prompt=prompt, SEED=1, STEPS=1, HEIGHT=64, WIDTH=64))
+    assert any("CLIP reads the first 77" in warning for warning in info["warnings"]), info["warnings"]
+
+
+def test_unsupported_stack_fails_to_load_and_others_keep_serving(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException) as error:
+        client.load_model("bf16-fp8")
+    assert "compute capability 8.9" in error.value.message()
+    index = {entry["name"]: entry for entry in client.get_model_repository_index()}
+    assert index["bf16-fp8"]["state"] == "UNAVAILABLE"
+    assert "compute capability 8.9" in index["bf16-fp8"]["reason"]
+    assert "fp8 needs a CUDA GPU of compute capability 8.9+" in server.log()
+    assert client.is_server_ready() and client.is_model_ready("bf16")
+    assert infer(server, "bf16", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64).as_numpy("IMAGE").shape == (64, 64, 3)
+
+
+def test_eight_concurrent_requests_all_succeed(server):
+    def one(seed):
+        return infer(server, "bf16", SEED=seed, STEPS=2, HEIGHT=64, WIDTH=64)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(result.as_numpy("IMAGE").shape == (64, 64, 3) for result in results)
+    assert len({result.as_numpy("IMAGE_PNG")[0] for result in results}) == 8
