@@ -64,6 +64,12 @@ class StackPipeline:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def peak_memory_gib(self) -> float | None:
+        """Peak GPU memory this process allocated since it started (weights included); None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+
     def prompt_warnings(self, prompt: str) -> list[str]:
         """Say what the text encoders will not read (diffusers truncates silently into its log)."""
         warnings = []

@@ -96,6 +96,8 @@ class StackService:
             "steps_computed": generation.steps_computed,
             "cancelled": generation.cancelled,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,
             "warnings": generation.warnings,
         }
