@@ -42,7 +42,7 @@ class InvalidInput(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-model request limits; every field can be overridden by a `config.pbtxt` parameter of that name."""
+    """Per-model request limits: `config.pbtxt` parameter `limit_<field>` overrides each field."""
 
     default_steps: int = 28
     min_steps: int = 1
@@ -53,19 +53,20 @@ class Limits:
     default_size: int = 1024
     min_size: int = 64
     max_size: int = 2048
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = 2**21  # 2 megapixels: 1024x2048 passes, 2048x2048 does not
     max_prompt_chars: int = 2000
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> Limits:
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name in parameters:
+            key = f"limit_{f.name}"
+            if key in parameters:
                 convert = float if f.type == "float" else int
                 try:
-                    kwargs[f.name] = convert(parameters[f.name])
+                    kwargs[f.name] = convert(parameters[key])
                 except ValueError:
-                    raise ValueError(f"limit parameter '{f.name}' must be a number, got {parameters[f.name]!r}")
+                    raise ValueError(f"parameter '{key}' must be a number, got {parameters[key]!r}") from None
         return cls(**kwargs)
 
 

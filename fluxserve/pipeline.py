@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers.hooks import HookRegistry
 
 from .contract import GenerationRequest
-from .optimize import TORCH_DTYPES, check_supported, optimize_transformer
+from .optimize import TORCH_DTYPES, check_supported, optimize_transformer, set_cache_steps
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
 
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1-dev reads
 ATTENTION_OP_MARKERS = ("scaled_dot_product", "flash_attn", "attention")
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback to end the denoising loop at once (cancellation)."""
 
 
 class StepCounter:
@@ -40,8 +45,9 @@ class StepCounter:
 class Generation:
     """The result of one request: the image (uint8 HxWx3) and its telemetry."""
 
-    image: np.ndarray
-    steps_computed: int
+    image: np.ndarray | None  # None when cancelled
+    steps_run: int  # denoising steps the loop went through (fewer than asked when cancelled)
+    steps_computed: int  # of those, the ones whose transformer blocks really ran
     cancelled: bool
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
@@ -84,15 +90,16 @@ class StackPipeline:
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> Generation:
-        """Run one request. `should_stop` is polled after every denoising step (cancellation)."""
+        """Run one request. `should_stop` is polled after every denoising step: when it says so the loop
+        ends there and the result is marked cancelled, without an image."""
         pipe = self.pipe
-        cancelled = False
+        steps_run = 0
 
         def on_step_end(pipeline, step, timestep, tensors):
-            nonlocal cancelled
+            nonlocal steps_run
+            steps_run += 1
             if should_stop is not None and should_stop():
-                cancelled = True
-                pipeline._interrupt = True
+                raise _StopRequested
             return tensors
 
         start = self._sync()
@@ -100,18 +107,22 @@ class StackPipeline:
             prompt=request.prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
         )
         encoded = self._sync()
-        self.steps.count = 0
-        latents = pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-            output_type="latent",
-            callback_on_step_end=on_step_end,
-        ).images
+        self._reset_step_state()
+        set_cache_steps(pipe.transformer, request.steps)
+        try:
+            latents = pipe(
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                height=request.height,
+                width=request.width,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+            ).images
+        except _StopRequested:
+            return Generation(None, steps_run, self.steps.count, cancelled=True, timings_ms={})
         denoised = self._sync()
         image = self._decode(latents, request.height, request.width)
         decoded = self._sync()
@@ -125,11 +136,18 @@ class StackPipeline:
         }
         return Generation(
             image=pixels,
+            steps_run=steps_run,
             steps_computed=self.steps.count,
-            cancelled=cancelled,
+            cancelled=False,
             timings_ms={name: round(seconds * 1000, 3) for name, seconds in timings.items()},
             warnings=self.prompt_warnings(request.prompt),
         )
+
+    def _reset_step_state(self) -> None:
+        """Zero the step counter and every stateful cache hook: a request that ended early (cancelled, out of
+        memory) skips the pipeline's own reset, and the next request must not see its cached residuals."""
+        self.steps.count = 0
+        HookRegistry.check_if_exists_or_initialize(self.pipe.transformer).reset_stateful_hooks()
 
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents -> uint8 RGB image (H, W, 3) on the device, as FluxPipeline's own decode does."""

@@ -21,6 +21,11 @@ from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
+ADMIN_HEADER = "admin-key"
+# Endpoints that change or expose the server's state: only with the admin header when a key is set.
+RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 BACKEND_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve" / "backends"
 
@@ -63,7 +68,8 @@ def find_triton() -> TritonInstall:
 
 def server_command(
     install: TritonInstall, models: list[str], repository: Path = REPOSITORY, address: str = "127.0.0.1",
-    http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, extra: list[str] = (),
+    http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, admin_key: str | None = None,
+    exit_timeout_s: int = 120, extra: list[str] = (),
 ) -> list[str]:
     command = [
         str(install.binary),
@@ -74,13 +80,32 @@ def server_command(
         f"--grpc-address={address}", f"--grpc-port={grpc_port}",
         f"--metrics-address={address}", f"--metrics-port={metrics_port}",
         "--exit-on-error=true",
+        # On SIGTERM Triton stops taking requests and lets in-flight ones finish for this long.
+        f"--exit-timeout-secs={exit_timeout_s}",
         # Server readiness: up, with its startup models loaded (they are READY only after warm-up). Not strict:
         # a stack that later fails to load must not take the models that serve out of a load balancer.
         "--strict-readiness=false",
     ]
     if install.backend_directory is not None:
         command.append(f"--backend-directory={install.backend_directory}")
+    if admin_key:
+        command += [
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
+        ]
     return [*command, *extra]
+
+
+def check_admin_exposure(address: str, admin_key: str | None, open_admin_api: bool) -> None:
+    """Refuse to expose load/unload to the network without a key, unless the operator says so."""
+    if admin_key or address in LOOPBACK:
+        return
+    if not open_admin_api:
+        raise SystemExit(
+            f"refusing to listen on {address} with the model-repository API (load/unload) open to anyone: set "
+            f"{ADMIN_KEY_ENV} (clients then send the '{ADMIN_HEADER}' header), or pass --open-admin-api"
+        )
+    print(f"fluxserve: WARNING: load/unload is open to anyone who reaches {address}", file=sys.stderr)
 
 
 def server_environment(install: TritonInstall, weights: str, base: dict | None = None) -> dict[str, str]:
@@ -116,16 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--warmup-size", type=int, help=f"square size of the warm-up generation (default: the models' default size; sets {WARMUP_SIZE_ENV})")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument("--exit-timeout", type=int, default=120, help="seconds in-flight requests get to finish on shutdown (default 120)")
+    parser.add_argument("--open-admin-api", action="store_true", help=f"allow a non-loopback address without {ADMIN_KEY_ENV}")
     parser.add_argument("tritonserver_args", nargs="*", help="further tritonserver flags, after --")
     args = parser.parse_args(argv)
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or None
+    check_admin_exposure(args.address, admin_key, args.open_admin_api)
     install = find_triton()
     models = [model for model in args.models.split(",") if model]
     env = server_environment(install, resolve_weights(args.weights))
     if args.warmup_size:
         env[WARMUP_SIZE_ENV] = str(args.warmup_size)
     command = server_command(install, models, args.repository, args.address, args.http_port, args.grpc_port,
-                             args.metrics_port, args.tritonserver_args)
-    print("fluxserve: " + " ".join(command), file=sys.stderr, flush=True)
+                             args.metrics_port, admin_key, args.exit_timeout, args.tritonserver_args)
+    shown = [part.replace(admin_key, "***") if admin_key else part for part in command]
+    print("fluxserve: " + " ".join(shown), file=sys.stderr, flush=True)
     os.execvpe(command[0], command, env)
 
 

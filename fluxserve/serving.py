@@ -3,6 +3,7 @@ validated inputs into the contract's outputs. `triton_model` adapts it to `pb_ut
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -20,6 +21,9 @@ from .weights import ENV_VAR, default_source, parse_source
 log = logging.getLogger(__name__)
 
 WARMUP_SIZE_ENV = "FLUXSERVE_WARMUP_SIZE"
+# Fault injection for tests and drills: a request whose prompt equals this variable's value runs out of
+# memory inside the denoising loop, so the real recovery path is exercised.
+INJECT_OOM_ENV = "FLUXSERVE_INJECT_OOM_PROMPT"
 WARMUP_STEPS = 2
 PNG_COMPRESS_LEVEL = 1  # level 6 costs ~10x the encode time for a few % of size on 1024x1024 images
 
@@ -45,11 +49,32 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+class RequestCancelled(RuntimeError):
+    """The client cancelled (or timed out) while the request was generating."""
+
+
+class OutOfMemory(RuntimeError):
+    """The request ran out of device or host memory; the memory was released."""
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a failed request held, so the next request starts from the loaded model's footprint."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class StackService:
     """One model instance: a warmed-up stack pipeline plus the request contract."""
 
-    def __init__(self, model_name: str, parameters: dict[str, str], device: torch.device, notify=log.warning):
+    def __init__(
+        self, model_name: str, parameters: dict[str, str], device: torch.device, notify=log.warning, observe=None
+    ):
+        """`notify(message)` reports to the server log; `observe(request, generation)` sees every generation
+        (metrics)."""
         self.model_name = model_name
+        self.notify = notify
+        self.observe = observe
         self.stack = Stack.from_parameters(parameters)
         self.limits = Limits.from_parameters(parameters)
         self.weights, why = weights_from(parameters)
@@ -72,7 +97,7 @@ class StackService:
         """Validated inputs -> the requested outputs (raises InvalidInput for bad input)."""
         started = time.perf_counter()
         request = parse_request(inputs, self.limits)
-        generation = self.pipeline.generate(request, should_stop)
+        generation = self._generate(request, should_stop)
         outputs = {"STEPS_COMPUTED": np.array([generation.steps_computed], dtype=np.int32)}
         if "IMAGE" in wanted:
             outputs["IMAGE"] = generation.image
@@ -103,3 +128,37 @@ class StackService:
         }
         outputs["INFO"] = np.array([json.dumps(info).encode()], dtype=np.object_)
         return outputs
+
+    def _generate(self, request: GenerationRequest, should_stop):
+        """Generate, turning cancellation and out-of-memory into errors for this request alone."""
+        should_stop = _with_injected_oom(request, should_stop)
+        try:
+            generation = self.pipeline.generate(request, should_stop)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            release_memory(self.pipeline.device)
+            self.notify(f"{self.model_name}: out of memory at {request.height}x{request.width}, released: {exc}")
+            raise OutOfMemory(
+                f"out of memory generating {request.height}x{request.width} with {request.steps} steps; "
+                "the request was dropped and the model keeps serving: retry later or ask for a smaller image"
+            ) from None
+        if self.observe is not None:
+            self.observe(request, generation)
+        if generation.cancelled:
+            self.notify(
+                f"{self.model_name}: request cancelled by the client after {generation.steps_computed} of "
+                f"{request.steps} steps computed"
+            )
+            raise RequestCancelled(f"cancelled by the client after {generation.steps_computed} of {request.steps} steps")
+        return generation
+
+
+def _with_injected_oom(request: GenerationRequest, should_stop):
+    """Wrap `should_stop` (polled after each step) to raise an out-of-memory error for the marked prompt."""
+    marker = os.environ.get(INJECT_OOM_ENV)
+    if not marker or request.prompt != marker:
+        return should_stop
+
+    def stop_or_fail() -> bool:
+        raise torch.OutOfMemoryError("injected by " + INJECT_OOM_ENV)
+
+    return stop_or_fail

@@ -7,10 +7,42 @@ from __future__ import annotations
 import json
 import traceback
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .contract import INPUTS, InvalidInput
-from .serving import StackService, instance_device
+from .serving import OutOfMemory, RequestCancelled, StackService, instance_device
+
+REQUEST_ERRORS = (InvalidInput, RequestCancelled, OutOfMemory)
+
+
+def error_code(exc: Exception):
+    """Triton's error code for a request error (pb_utils' codes exist only once the stub is running)."""
+    return {
+        InvalidInput: pb_utils.TritonError.INVALID_ARG,
+        RequestCancelled: pb_utils.TritonError.CANCELLED,
+        OutOfMemory: pb_utils.TritonError.UNAVAILABLE,
+    }[type(exc)]
+
+
+class StepMetrics:
+    """Prometheus counters on Triton's metrics endpoint: denoising steps computed and skipped per model."""
+
+    def __init__(self, model_name: str) -> None:
+        labels = {"model": model_name}
+        # The families must outlive their metrics: Triton deletes a family's metrics with it.
+        self.families = [
+            pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            for name, description in (
+                ("fluxserve_steps_computed_total", "Transformer steps really computed (cache-skipped excluded)"),
+                ("fluxserve_steps_skipped_total", "Transformer steps a step cache skipped (reused, not computed)"),
+            )
+        ]
+        self.computed, self.skipped = (family.Metric(labels=labels) for family in self.families)
+
+    def observe(self, request, generation) -> None:
+        self.computed.increment(generation.steps_computed)
+        self.skipped.increment(generation.steps_run - generation.steps_computed)
 
 
 class TritonPythonModel:
@@ -18,7 +50,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         device = instance_device(args["model_instance_kind"], int(args["model_instance_device_id"]))
-        self.service = StackService(args["model_name"], parameters, device, notify=pb_utils.Logger.log_warn)
+        self.metrics = StepMetrics(args["model_name"])
+        self.service = StackService(
+            args["model_name"], parameters, device, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe
+        )
 
     def execute(self, requests: list) -> list:
         return [self._respond(request) for request in requests]
@@ -31,11 +66,12 @@ class TritonPythonModel:
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
             outputs = self.service.infer(inputs, set(request.requested_output_names()), request.is_cancelled)
-        except InvalidInput as exc:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        except REQUEST_ERRORS as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), error_code(exc)))
         except Exception as exc:  # the request fails; the model keeps serving
             pb_utils.Logger.log_error(f"{self.service.model_name}: {traceback.format_exc()}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+        # max_batch_size 1: every output carries a leading batch dimension of one.
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]
+            output_tensors=[pb_utils.Tensor(name, array[np.newaxis]) for name, array in outputs.items()]
         )

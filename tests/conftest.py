@@ -122,17 +122,18 @@ def server(tmp_path_factory, test_repository):
 
 
 def make_inputs(module, prompt="a red fox in snow", **fields):
-    """Contract inputs for tritonclient `module` (tritonclient.http or .grpc); fields are SEED=..., etc."""
+    """Contract inputs for tritonclient `module` (tritonclient.http or .grpc), batch of one; fields are
+    SEED=..., etc."""
     types = {"SEED": ("INT64", np.int64), "STEPS": ("INT32", np.int32), "HEIGHT": ("INT32", np.int32),
              "WIDTH": ("INT32", np.int32), "GUIDANCE": ("FP32", np.float32)}
     inputs = []
     if prompt is not None:
-        tensor = module.InferInput("PROMPT", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([prompt.encode() if isinstance(prompt, str) else prompt], dtype=np.object_))
+        tensor = module.InferInput("PROMPT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[prompt.encode() if isinstance(prompt, str) else prompt]], dtype=np.object_))
         inputs.append(tensor)
     for name, value in fields.items():
         datatype, dtype = types[name]
-        tensor = module.InferInput(name, [1], datatype)
-        tensor.set_data_from_numpy(np.array([value], dtype=dtype))
+        tensor = module.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
         inputs.append(tensor)
     return inputs

@@ -60,7 +60,7 @@ def test_parameters_with_a_bad_boolean_are_rejected():
 
 
 def test_parse_request_applies_limits_from_parameters():
-    limits = Limits.from_parameters({"max_steps": "8", "max_size": "512"})
+    limits = Limits.from_parameters({"limit_max_steps": "8", "limit_max_size": "512"})
     request = {"PROMPT": np.array([b"hi"], np.object_)}
     with pytest.raises(InvalidInput, match=r"STEPS must be in \[1, 8\]"):
         parse_request({**request, "STEPS": np.array([9], np.int32)}, limits)
