@@ -74,12 +74,59 @@ def apply_quantization(transformer, quantization: str) -> None:
     quantize_(transformer, configs[quantization]())
 
 
-def apply_cache(transformer, cache: str, threshold: float) -> None:
-    """Enable a step cache through diffusers' hook system."""
-    from diffusers import FirstBlockCacheConfig
+def cache_config(stack: Stack):
+    """The stack's step cache as a diffusers-style config.
 
-    configs = {"fbcache": FirstBlockCacheConfig}
-    transformer.enable_cache(configs[cache](threshold=threshold))
+    MagCache uses diffusers' FLUX magnitude ratios and its authors' FLUX profile for the rest (at most 5 steps
+    skipped in a row, the first 10% always computed). TaylorSeer runs diffusers' lite mode: on a forecast step
+    every block is skipped and only the output projection is forecast (order 2 after 3 computed steps, as
+    TaylorSeer's FLUX setup); the default mode forecasts attention only and still runs the MLPs, which would
+    make a forecast step count as computed."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    from .teacache import TeaCacheConfig
+
+    configs = {
+        "fbcache": lambda: FirstBlockCacheConfig(threshold=stack.cache_threshold),
+        "teacache": lambda: TeaCacheConfig(threshold=stack.cache_threshold),
+        "magcache": lambda: MagCacheConfig(
+            threshold=stack.cache_threshold, max_skip_steps=5, retention_ratio=0.1, mag_ratios=FLUX_MAG_RATIOS
+        ),
+        "taylorseer": lambda: TaylorSeerCacheConfig(
+            cache_interval=stack.cache_interval, disable_cache_before_step=3, max_order=2,
+            taylor_factors_dtype=torch.float32, use_lite_mode=True,
+        ),
+    }
+    return configs[stack.cache]()
+
+
+def apply_cache(transformer, stack: Stack) -> None:
+    """Enable the stack's step cache through diffusers' hook system. Every cache here skips a step without
+    calling the last block's forward, which is what `StepCounter` counts."""
+    from .teacache import TeaCacheConfig, apply_teacache
+
+    config = cache_config(stack)
+    if isinstance(config, TeaCacheConfig):
+        apply_teacache(transformer, config)
+    else:
+        transformer.enable_cache(config)
+
+
+def set_cache_steps(transformer, steps: int) -> None:
+    """Tell the step cache how many steps the coming generation runs: TeaCache always computes the last one,
+    MagCache reads a magnitude ratio per step. Call before every generation."""
+    from diffusers import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp
+
+    from .teacache import TeaCacheConfig
+
+    config = transformer._cache_config  # where diffusers, and apply_teacache, keep the enabled cache's config
+    if isinstance(config, TeaCacheConfig):
+        config.num_inference_steps = steps
+    elif isinstance(config, MagCacheConfig):
+        config.num_inference_steps = steps
+        config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
 
 
 def apply_compile(transformer, mode: str, has_cache: bool) -> None:
@@ -100,7 +147,7 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
     if stack.quantization != "none":
         apply_quantization(transformer, stack.quantization)
     if stack.cache != "none":
-        apply_cache(transformer, stack.cache, stack.cache_threshold)
+        apply_cache(transformer, stack)
     if stack.compile != "none":
         apply_compile(transformer, stack.compile, has_cache=stack.cache != "none")
     return backend

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 
 DTYPES = ("bf16", "fp16")
 ATTENTIONS = ("sdpa", "fa2", "cudnn")
-CACHES = ("none", "fbcache")
+CACHES = ("none", "fbcache", "teacache", "magcache", "taylorseer")
+THRESHOLD_CACHES = ("fbcache", "teacache", "magcache")  # skip while a measured change stays below a threshold
+INTERVAL_CACHES = ("taylorseer",)  # compute one step in every `cache_interval`, forecast the others
 QUANTIZATIONS = ("none", "fp8", "int8")
 COMPILES = ("none", "regional", "full")
 
 ATTENTION_LABELS = {"sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention"}
 QUANTIZATION_LABELS = {"fp8": "torchao fp8 dynamic per-row", "int8": "torchao int8 dynamic"}
+NUMBER_TYPES = {"float": float, "int": int}  # stack fields parsed from Triton's string parameters
 
 
 class StackError(ValueError):
@@ -31,6 +34,7 @@ class Stack:
     attention: str = "sdpa"
     cache: str = "none"
     cache_threshold: float = 0.0
+    cache_interval: int = 0
     quantization: str = "none"
     fuse_qkv: bool = False
     compile: str = "none"
@@ -44,10 +48,14 @@ class Stack:
             value = getattr(self, field)
             if value not in allowed:
                 raise StackError(f"stack field '{field}' is {value!r}; allowed: {', '.join(allowed)}")
-        if self.cache == "none" and self.cache_threshold != 0.0:
-            raise StackError("stack field 'cache_threshold' is set but 'cache' is 'none'")
-        if self.cache != "none" and not self.cache_threshold >= 0.0:
+        if self.cache not in THRESHOLD_CACHES and self.cache_threshold != 0.0:
+            raise StackError(f"stack field 'cache_threshold' is set but cache '{self.cache}' has no threshold")
+        if self.cache in THRESHOLD_CACHES and not self.cache_threshold >= 0.0:
             raise StackError(f"stack field 'cache_threshold' must be >= 0, got {self.cache_threshold}")
+        if self.cache not in INTERVAL_CACHES and self.cache_interval != 0:
+            raise StackError(f"stack field 'cache_interval' is set but cache '{self.cache}' has no interval")
+        if self.cache in INTERVAL_CACHES and self.cache_interval < 1:
+            raise StackError(f"stack field 'cache_interval' must be >= 1, got {self.cache_interval}")
         if self.quantization != "none" and self.dtype != "bf16":
             raise StackError(f"quantization '{self.quantization}' runs with bf16 activations; dtype is {self.dtype}")
         if self.compile == "full" and self.cache != "none":
@@ -62,8 +70,10 @@ class Stack:
         parts = [self.dtype]
         if self.attention != "sdpa":
             parts.append(self.attention)
-        if self.cache != "none":
+        if self.cache in THRESHOLD_CACHES:
             parts.append(f"{self.cache}-{_plain_number(self.cache_threshold)}")
+        if self.cache in INTERVAL_CACHES:
+            parts.append(f"{self.cache}-interval{self.cache_interval}")
         if self.quantization != "none":
             parts.append(self.quantization)
         if self.fuse_qkv:
@@ -76,8 +86,10 @@ class Stack:
     def description(self) -> str:
         """What the stack applies, in words (for the README's stack table and INFO)."""
         parts = [self.dtype, ATTENTION_LABELS[self.attention]]
-        if self.cache != "none":
+        if self.cache in THRESHOLD_CACHES:
             parts.append(f"{self.cache} threshold {self.cache_threshold:g}")
+        if self.cache in INTERVAL_CACHES:
+            parts.append(f"{self.cache} interval {self.cache_interval}")
         if self.quantization != "none":
             parts.append(QUANTIZATION_LABELS[self.quantization])
         if self.fuse_qkv:
@@ -107,11 +119,11 @@ class Stack:
                 if raw.lower() not in ("true", "false"):
                     raise StackError(f"stack field '{f.name}' must be true or false, got {raw!r}")
                 kwargs[f.name] = raw.lower() == "true"
-            elif f.type == "float":
+            elif f.type in NUMBER_TYPES:
                 try:
-                    kwargs[f.name] = float(raw)
+                    kwargs[f.name] = NUMBER_TYPES[f.type](raw)
                 except ValueError:
-                    raise StackError(f"stack field '{f.name}' must be a number, got {raw!r}") from None
+                    raise StackError(f"stack field '{f.name}' must be a number ({f.type}), got {raw!r}") from None
             else:
                 kwargs[f.name] = raw
         return cls(**kwargs)
@@ -126,9 +138,10 @@ def _seed(row: str, **fields) -> Stack:
     return Stack(seed_row=row, **fields)
 
 
-# Every row of the seed benchmark's tables (TeaCache rows arrive with the TeaCache issue). Where the seed
-# leaves the dtype implicit (FlashAttention2, FBCache, TorchAO rows) we use bf16: the seed's best configs are
-# bf16, and fp16 appears only as its baseline.
+# Every row of the seed benchmark's tables, then the caches diffusers ships that fit guidance-distilled FLUX.
+# Where the seed leaves the dtype implicit (FlashAttention2, FBCache, TeaCache, TorchAO rows) we use bf16: the
+# seed's best configs are bf16, and fp16 appears only as its baseline. That makes the seed's "TeaCache+FA2 (0.6)"
+# the same stack as its "BF16+FA2+TeaCache (0.6)": one model serves both rows.
 CATALOG: tuple[Stack, ...] = (
     _seed("Baseline (FP16)", dtype="fp16"),
     _seed("BF16"),
@@ -145,6 +158,20 @@ CATALOG: tuple[Stack, ...] = (
           quantization="fp8"),
     _seed("BF16+FA2+FBCache (0.3)+TorchAO INT8", attention="fa2", cache="fbcache", cache_threshold=0.3,
           quantization="int8"),
+    _seed("TeaCache (0.2)", cache="teacache", cache_threshold=0.2),
+    _seed("TeaCache (0.4)", cache="teacache", cache_threshold=0.4),
+    _seed("TeaCache (0.6)", cache="teacache", cache_threshold=0.6),
+    _seed("BF16+FA2+TeaCache (0.6)", attention="fa2", cache="teacache", cache_threshold=0.6),
+    _seed("BF16+FA2+TeaCache (0.6)+TorchAO FP8", attention="fa2", cache="teacache", cache_threshold=0.6,
+          quantization="fp8"),
+    _seed("BF16+FA2+TeaCache (0.6)+TorchAO INT8", attention="fa2", cache="teacache", cache_threshold=0.6,
+          quantization="int8"),
+    # MagCache: diffusers' default error budget (conservative), then its authors' FLUX profile (aggressive).
+    Stack(cache="magcache", cache_threshold=0.06),
+    Stack(cache="magcache", cache_threshold=0.24),
+    # TaylorSeer: a computed step in every 3 (conservative) or every 5 (aggressive, diffusers' default).
+    Stack(cache="taylorseer", cache_interval=3),
+    Stack(cache="taylorseer", cache_interval=5),
 )
 
 DEFAULT_STACK = "bf16"

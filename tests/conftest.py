@@ -21,10 +21,12 @@ sys.path.insert(0, str(ROOT))
 from fluxserve.repository import config_pbtxt, MODEL_PY  # noqa: E402
 from fluxserve.stacks import Stack  # noqa: E402
 
-# Models the tests load besides catalog ones: FBCache at the extremes of its threshold.
+# Models the tests load besides catalog ones: FBCache and TeaCache at the extremes of their thresholds.
 FBCACHE_NEVER_SKIPS = Stack(cache="fbcache", cache_threshold=0.0)
 FBCACHE_ALWAYS_SKIPS = Stack(cache="fbcache", cache_threshold=1e6)
-TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS)
+TEACACHE_NEVER_SKIPS = Stack(cache="teacache", cache_threshold=0.0)
+TEACACHE_ALWAYS_SKIPS = Stack(cache="teacache", cache_threshold=1e6)
+TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS, TEACACHE_ALWAYS_SKIPS)
 SERVER_START_TIMEOUT_S = 180
 
 

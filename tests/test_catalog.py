@@ -17,7 +17,9 @@ SEED_ROWS = {
     "Baseline (FP16)", "BF16", "FlashAttention2", "FBCache (0.15)", "FBCache (0.2)", "FBCache (0.3)",
     "FBCache (0.35)", "FBCache (0.4)", "FBCache+FA2 (0.2)", "TorchAO FP8", "BF16+FA2+FBCache (0.3)",
     "BF16+FA2+FBCache (0.3)+TorchAO FP8", "BF16+FA2+FBCache (0.3)+TorchAO INT8",
-}
+    "TeaCache (0.2)", "TeaCache (0.4)", "TeaCache (0.6)", "BF16+FA2+TeaCache (0.6)",
+    "BF16+FA2+TeaCache (0.6)+TorchAO FP8", "BF16+FA2+TeaCache (0.6)+TorchAO INT8",
+}  # the seed's "TeaCache+FA2 (0.6)" is "BF16+FA2+TeaCache (0.6)": its TeaCache rows are bf16 (see CATALOG)
 
 
 def test_committed_repository_matches_the_catalog():
@@ -41,6 +43,9 @@ def test_stack_round_trips_through_config_parameters():
         ({"dtype": "fp32"}, ["dtype", "bf16, fp16"]),
         ({"attention": "sage"}, ["attention", "sdpa"]),
         ({"cache_threshold": 0.2}, ["cache_threshold", "none"]),
+        ({"cache": "taylorseer", "cache_interval": 3, "cache_threshold": 0.2}, ["cache_threshold", "taylorseer"]),
+        ({"cache": "teacache", "cache_interval": 3}, ["cache_interval", "teacache"]),
+        ({"cache": "taylorseer"}, ["cache_interval", ">= 1"]),
         ({"cache": "fbcache", "cache_threshold": -1.0}, ["cache_threshold", ">= 0"]),
         ({"cache": "fbcache", "cache_threshold": math.nan}, ["cache_threshold"]),
         ({"dtype": "fp16", "quantization": "int8"}, ["bf16"]),
@@ -57,6 +62,11 @@ def test_invalid_stacks_fail_with_a_clear_message(fields, words):
 def test_parameters_with_a_bad_boolean_are_rejected():
     with pytest.raises(StackError, match="fuse_qkv"):
         Stack.from_parameters({"fuse_qkv": "yes"})
+
+
+def test_parameters_with_a_fractional_interval_are_rejected():
+    with pytest.raises(StackError, match="cache_interval"):
+        Stack.from_parameters({"cache": "taylorseer", "cache_interval": "2.5"})
 
 
 def test_parse_request_applies_limits_from_parameters():
