@@ -8,6 +8,7 @@ all go through `FluxClient`. Server errors surface as tritonclient's `InferenceS
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,12 @@ LIMITS = Limits()
 # Loading a stack (weights, warm-up, compile) can take minutes: HTTP must not give up on it or on a queued
 # request; gRPC waits without a deadline by default.
 HTTP_NETWORK_TIMEOUT_S = 3600.0
+# The launcher restricts the model-repository API (list, load, unload) to requests carrying this header when
+# FLUXSERVE_ADMIN_KEY is set (fluxserve.serve's ADMIN_KEY_ENV and ADMIN_HEADER, not imported: that module
+# pulls in torch). Triton reads a gRPC client's header with a protocol prefix.
+ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
+ADMIN_HEADER = "admin-key"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 UNLOAD_POLL_S = 0.2
 STATISTICS_POLL_S = 0.05
 
@@ -103,6 +110,7 @@ class FluxClient:
 
     url: str | None = None
     protocol: str = "http"
+    admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV) or None, repr=False)
     _batched: dict[str, bool] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,25 +132,31 @@ class FluxClient:
             kwargs["as_json"] = True
         return getattr(self.triton, method)(*args, **kwargs)
 
+    def _admin_headers(self) -> dict[str, str] | None:
+        if not self.admin_key:
+            return None
+        prefix = GRPC_HEADER_PREFIX if self.protocol == "grpc" else ""
+        return {prefix + ADMIN_HEADER: self.admin_key}
+
     def server_version(self) -> str:
         return self._json("get_server_metadata")["version"]
 
     def models(self) -> list[ModelState]:
         """Every model of the repository with its state (READY, UNAVAILABLE, ...) and why."""
-        index = self._json("get_model_repository_index")
+        index = self._json("get_model_repository_index", headers=self._admin_headers())
         entries = index.get("models", []) if isinstance(index, dict) else index
         return [ModelState(e["name"], e.get("version", ""), e.get("state", ""), e.get("reason", "")) for e in entries]
 
     def load(self, model: str) -> float:
         """Load (or reload) a model in explicit mode; returns the seconds it took (weights and warm-up)."""
         started = time.perf_counter()
-        self.triton.load_model(model)
+        self.triton.load_model(model, headers=self._admin_headers())
         self._batched.pop(model, None)
         return time.perf_counter() - started
 
     def unload(self, model: str) -> None:
         """Unload a model and wait until it is gone, so its memory is free for the next one."""
-        self.triton.unload_model(model)
+        self.triton.unload_model(model, headers=self._admin_headers())
         self._batched.pop(model, None)
         while any(m.name == model and m.state in ("READY", "UNLOADING") for m in self.models()):
             time.sleep(UNLOAD_POLL_S)

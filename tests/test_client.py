@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -10,16 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import FluxClient, GenerateRequest
+from client import ADMIN_KEY_ENV, FluxClient, GenerateRequest
 from conftest import ROOT, start_server
 
 CLI_TIMEOUT_S = 120
 SMALL = ["--steps", "2", "--height", "64", "--width", "80"]
+ADMIN_KEY = "test-admin-key"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("client-server"), ["bf16"])
+    """A server whose model-repository API (list, load, unload) needs the admin key."""
+    server = start_server(tmp_path_factory.mktemp("client-server"), ["bf16"], env_extra={ADMIN_KEY_ENV: ADMIN_KEY})
     yield server
     server.stop()
 
@@ -28,19 +31,23 @@ def url(server, protocol: str) -> str:
     return server.http_url if protocol == "http" else server.grpc_url
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S)
+def cli(*args: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
+    if admin_key:
+        env[ADMIN_KEY_ENV] = admin_key
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
 
 
-def cli_on(server, protocol: str, *args: str) -> subprocess.CompletedProcess:
-    return cli("--protocol", protocol, "--url", url(server, protocol), *args)
+def cli_on(server, protocol: str, *args: str, admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
+    return cli("--protocol", protocol, "--url", url(server, protocol), *args, admin_key=admin_key)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_cli_writes_a_png_and_prints_the_telemetry(server, tmp_path, protocol):
     output = tmp_path / f"{protocol}.png"
-    done = cli_on(server, protocol, "--model", "bf16", "--prompt", "a red fox", "--seed", "3", *SMALL, "-o", str(output))
+    done = cli_on(server, protocol, "--model", "bf16", "--prompt", "a red fox", "--seed", "3", *SMALL,
+                  "-o", str(output))
     assert done.returncode == 0, done.stderr
     image = Image.open(output)
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (80, 64)
@@ -102,6 +109,17 @@ def test_cli_loads_lists_and_unloads_a_stack_over_either_protocol(server):
     unloaded = cli_on(server, "grpc", "--unload", "fp16")
     assert unloaded.returncode == 0 and "unloaded fp16" in unloaded.stdout, unloaded.stderr
     assert state_of("fp16", "http") == "UNAVAILABLE  (unloaded)"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("admin_key", [None, "wrong-key"])
+def test_model_control_needs_the_admin_key(server, protocol, admin_key):
+    for args in (["--list"], ["--load", "fp16"], ["--unload", "bf16"]):
+        done = cli_on(server, protocol, *args, admin_key=admin_key)
+        assert done.returncode == 1 and "is restricted, expecting header" in done.stderr, done.stderr
+    generated = cli_on(server, protocol, "--model", "bf16", "--prompt", "x", *SMALL, "-o", os.devnull,
+                       admin_key=admin_key)
+    assert generated.returncode == 0, generated.stderr  # inference stays open
 
 
 def test_cli_load_failure_shows_the_reason(server):

@@ -1,0 +1,610 @@
+"""Measure stacks one at a time through the server, like the seed benchmark, and write its table.
+
+For each stack in turn: load it (explicit model control), record the load time, warm up (the first warm-up
+request is the fixed-seed reference image), send N requests at concurrency C, record client latency, Triton's
+queue and compute time (statistics API), peak GPU memory and steps computed from INFO, then unload it.
+Optionally also measure stacks in-process without the server (`--direct`), as rows named `<stack> (direct)`.
+
+Writes under the results folder (default perf/results/<gpu-slug>/, `cpu` without a GPU):
+  results.csv       one row per measured stack and configuration, appended as soon as the stack is measured
+  results.md        the seed's table for this configuration, plus steps, load time, memory, speed-up, PSNR
+  latency.png       P50 bars with P90 / P99 whiskers (the numbers are also in the PNG's `fluxserve` text chunk)
+  images/           the fixed-seed reference image of each stack
+  environment.json  every run's command line, date and versions
+
+Rows already in results.csv for the same configuration are skipped, so an interrupted sweep resumes.
+
+  python -m perf.sweep --models fp16,bf16,bf16-fa2,bf16-fbcache-0.3 --requests 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from client import (
+    DEFAULT_URLS, LIMITS, PROTOCOLS, FluxClient, GenerateRequest, GenerateResult, InferenceServerException,
+)
+from fluxserve.stacks import CATALOG, catalog_by_name
+from fluxserve.serve import resolve_weights
+from fluxserve.weights import ENV_VAR
+from perf import LatencySummary, load_prompts, markdown_table
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+DIRECT_SUFFIX = " (direct)"
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "torchao", "tritonclient", "numpy")
+MEASURE_OUTPUTS = ("IMAGE_PNG",)  # what a real client asks for; STEPS_COMPUTED and INFO always come back
+
+Generate = Callable[[GenerateRequest, tuple], GenerateResult]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What makes two measurements comparable; a row is skipped on rerun when its name and Config match."""
+
+    protocol: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    requests: int
+    concurrency: int
+    seed: int
+    prompts: str  # digest of the prompt set
+
+    def describe(self) -> str:
+        return (f"{self.height}x{self.width}, {self.steps} steps, guidance {self.guidance:g}, {self.requests} requests "
+                f"at concurrency {self.concurrency} over {self.protocol}, seeds from {self.seed}, "
+                f"prompt set {self.prompts}")
+
+    def image_name(self, name: str) -> str:
+        """File name of a stack's reference image: it depends on the request settings, not on the load."""
+        slug = re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+        return (f"{slug}_{self.height}x{self.width}_{self.steps}steps_g{self.guidance:g}_seed{self.seed}_"
+                f"{self.prompts}.png")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured stack: a line of results.csv (latencies in seconds, memory in GiB), its Config flattened."""
+
+    name: str
+    mode: str  # "server", or "direct": in-process, no server
+    config: Config
+    count: int
+    average_s: float
+    min_s: float
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    steps_computed: float  # mean over the measured requests
+    load_s: float
+    queue_s: float | None  # Triton's mean queue time per request (server rows)
+    compute_s: float | None  # Triton's mean compute time per request (server rows)
+    peak_memory_gib: float | None
+    psnr_db: float | None  # reference image vs the baseline's: numerical deviation, not quality
+    image: str
+    device: str
+    weights: str
+    attention_kernel: str
+    measured_at: str
+
+    @staticmethod
+    def columns() -> list[dataclasses.Field]:
+        """The CSV columns: the row's fields with `config` replaced by the Config's fields."""
+        fields = []
+        for f in dataclasses.fields(Row):
+            fields += dataclasses.fields(Config) if f.name == "config" else [f]
+        return fields
+
+    def to_csv(self) -> dict[str, str]:
+        config = dataclasses.asdict(self.config)
+        return {f.name: _format(config[f.name] if f.name in config else getattr(self, f.name)) for f in self.columns()}
+
+    @classmethod
+    def from_csv(cls, record: dict[str, str]) -> Row:
+        values = {f.name: _parse(record[f.name], f.type) for f in cls.columns()}
+        config = Config(**{f.name: values.pop(f.name) for f in dataclasses.fields(Config)})
+        return cls(config=config, **values)
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def _parse(text: str, annotation: str):
+    if text == "" and "None" in annotation:
+        return None
+    return {"int": int, "float": float, "str": str}[annotation.split(" ")[0]](text)
+
+
+# ---------------------------------------------------------------- results folder
+
+
+def gpu_name() -> str | None:
+    """This host's first CUDA GPU, by torch (the server runs on the same host in the benchmark setup)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def gpu_slug(name: str | None) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") if name else "cpu"
+
+
+def nvidia_driver() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    done = subprocess.run(query, capture_output=True, text=True, timeout=30)
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def environment(argv: list[str], server_version: str, gpu: str | None) -> dict:
+    """This run's command line, date and versions, for environment.json and the Markdown header."""
+    import torch
+
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "command": shlex.join(["python", "-m", "perf.sweep", *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "triton_server": server_version,
+        "gpu": gpu,
+        "cuda": torch.version.cuda,
+        "driver": nvidia_driver(),
+    }
+
+
+def record_environment(folder: Path, run: dict) -> None:
+    """Append this run to environment.json (rows of one results.csv may come from several runs)."""
+    path = folder / "environment.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    path.write_text(json.dumps({"runs": [*runs, run]}, indent=2) + "\n")
+
+
+def read_rows(path: Path) -> list[Row]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        return [Row.from_csv(record) for record in csv.DictReader(file)]
+
+
+def append_row(path: Path, row: Row) -> None:
+    """Write one stack's row at once, so an interrupted sweep keeps what it measured."""
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[f.name for f in Row.columns()])
+        if new:
+            writer.writeheader()
+        writer.writerow(row.to_csv())
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def progress(label: str, message: str) -> None:
+    print(f"{label} {message}", flush=True)
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 images (inf when identical)."""
+    error = np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    return math.inf if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+def read_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def measured_requests(config: Config, prompts: list[str]) -> list[GenerateRequest]:
+    """The timed requests: prompts in turn, seeds counting up from the configured one."""
+    return [
+        GenerateRequest(prompts[i % len(prompts)], config.seed + i, config.steps, config.guidance,
+                        config.height, config.width)
+        for i in range(config.requests)
+    ]
+
+
+def run_requests(
+    generate: Generate, requests: list[GenerateRequest], concurrency: int, label: str
+) -> list[GenerateResult]:
+    """Send the requests, `concurrency` at a time, reporting each as it completes; the first failure cancels
+    the rest and is raised."""
+    results = []
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(generate, request, MEASURE_OUTPUTS) for request in requests]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                progress(label, f"request {len(results)}/{len(requests)}: {result.latency_s:.3f} s, "
+                                f"{result.steps_computed}/{result.info['steps_total']} steps computed")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def warm_up(generate: Generate, config: Config, prompts: list[str], count: int, label: str) -> GenerateResult:
+    """Untimed requests before measuring; the first one is the stack's reference image (first prompt, the
+    configured seed)."""
+    request = GenerateRequest(prompts[0], config.seed, config.steps, config.guidance, config.height, config.width)
+    progress(label, f"warming up: {count} request(s), the first is the reference image")
+    reference = generate(request, ("IMAGE_PNG",))
+    for _ in range(count - 1):
+        generate(request, ())
+    return reference
+
+
+@dataclass
+class Measurement:
+    """What measuring one stack produced, before it becomes a Row."""
+
+    load_s: float
+    reference: GenerateResult
+    results: list[GenerateResult]
+    queue_s: float | None = None
+    compute_s: float | None = None
+
+
+def per_thread_generate(url: str, protocol: str, model: str) -> Generate:
+    """A generate function safe to call from several threads: each thread makes its own client on first use
+    (tritonclient's HTTP client runs on the gevent hub of the thread that made it) and drops it with itself."""
+    local = threading.local()
+
+    def generate(request: GenerateRequest, outputs: tuple) -> GenerateResult:
+        if not hasattr(local, "client"):
+            local.client = FluxClient(url, protocol)
+        return local.client.generate(model, request, outputs)
+
+    return generate
+
+
+def per_request_s(nanoseconds: int, count: int) -> float | None:
+    return nanoseconds / count / 1e9 if count else None
+
+
+def measure_on_server(client: FluxClient, model: str, config: Config, prompts: list[str], warmup: int,
+                      label: str) -> Measurement:
+    """Load, warm up, measure and unload one stack on the server."""
+    if any(m.name == model and m.state == "READY" for m in client.models()):
+        progress(label, "already loaded: unloading first, so that the load time is real")
+        client.unload(model)
+    progress(label, "loading")
+    load_s = client.load(model)
+    progress(label, f"loaded in {load_s:.1f} s")
+    generate = per_thread_generate(client.url, client.protocol, model)
+    try:
+        reference = warm_up(generate, config, prompts, warmup, label)
+        before = client.statistics(model)
+        results = run_requests(generate, measured_requests(config, prompts), config.concurrency, label)
+        served = client.statistics_since(model, before, len(results))
+    finally:
+        progress(label, "unloading")
+        client.unload(model)
+    return Measurement(load_s, reference, results, per_request_s(served.queue_ns, served.success),
+                       per_request_s(served.compute_ns, served.success))
+
+
+def in_process_generate(pipeline, weights: str) -> Generate:
+    """A generate function over a StackPipeline, timed like the server's requests minus the server: the
+    latency is `StackPipeline.generate` alone; the PNG is encoded afterwards when asked for."""
+    from fluxserve.contract import GenerationRequest
+    from fluxserve.serving import encode_png
+
+    def generate(request: GenerateRequest, outputs: tuple) -> GenerateResult:
+        started = time.perf_counter()
+        generation = pipeline.generate(GenerationRequest(**dataclasses.asdict(request)))
+        latency = time.perf_counter() - started
+        info = {"steps_total": request.steps, "device": str(pipeline.device), "weights": weights,
+                "attention_kernel": pipeline.attention_kernel, "peak_memory_gib": pipeline.peak_memory_gib()}
+        png = encode_png(generation.image) if "IMAGE_PNG" in outputs else None
+        return GenerateResult(generation.steps_computed, info, latency, png, generation.image)
+
+    return generate
+
+
+def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[str], warmup: int,
+                   label: str) -> Measurement:
+    """Build the stack in this process (no server) and measure it with the same requests, one at a time.
+    The pipeline is dropped on return; `release_memory` then gives its GPU memory back."""
+    import torch
+
+    from fluxserve.contract import GenerationRequest
+    from fluxserve.pipeline import build_pipeline
+    from fluxserve.serving import WARMUP_STEPS
+    from fluxserve.weights import parse_source
+
+    stack = catalog_by_name().get(stack_name)
+    if stack is None:
+        raise ValueError(f"--direct takes catalog stacks; {stack_name!r} is not one")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress(label, f"building in-process on {device} (weights {weights})")
+    started = time.perf_counter()
+    warm = GenerationRequest("warm-up", 0, WARMUP_STEPS, config.guidance, config.height, config.width)
+    pipeline = build_pipeline(stack, parse_source(weights), device, warm)
+    load_s = time.perf_counter() - started
+    progress(label, f"built in {load_s:.1f} s")
+    generate = in_process_generate(pipeline, weights)
+    reference = warm_up(generate, config, prompts, warmup, label)
+    return Measurement(load_s, reference, run_requests(generate, measured_requests(config, prompts), 1, label))
+
+
+def reporting_failure(label: str, measure: Callable[..., Measurement], *args) -> Measurement | None:
+    """Run one stack's measurement; on failure print why (the server's own message) and return None, so the
+    sweep goes on with the next stack."""
+    try:
+        return measure(*args)
+    except InferenceServerException as exc:
+        progress(label, f"FAILED: {exc.message()}")
+    except (RuntimeError, ValueError) as exc:  # in-process: unsupported stack, bad weights, out of memory
+        progress(label, f"FAILED: {type(exc).__name__}: {exc}")
+    return None
+
+
+def release_memory() -> None:
+    """Free what an in-process stack held, so the next one (or the server) starts from an empty GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- rows and reports
+
+
+def make_row(name: str, mode: str, config: Config, measurement: Measurement, folder: Path, baseline: str) -> Row:
+    """Summarise a measurement; save its reference image and compare it with the baseline's, if there is one."""
+    images = folder / "images"
+    image_path = images / config.image_name(name)
+    image_path.write_bytes(measurement.reference.png)
+    baseline_path = images / config.image_name(baseline)
+    deviation = None
+    if baseline_path.exists():
+        deviation = psnr(read_png(measurement.reference.png), read_png(baseline_path.read_bytes()))
+    results = measurement.results
+    latency = LatencySummary.of([result.latency_s for result in results])
+    peaks = [r.info["peak_memory_gib"] for r in (measurement.reference, *results)]
+    peaks = [peak for peak in peaks if peak is not None]  # None: no GPU
+    info = results[-1].info
+    return Row(
+        name=name, mode=mode, config=config, count=latency.count, average_s=latency.average,
+        min_s=latency.min, p50_s=latency.p50, p90_s=latency.p90, p99_s=latency.p99,
+        steps_computed=float(np.mean([result.steps_computed for result in results])),
+        load_s=measurement.load_s, queue_s=measurement.queue_s, compute_s=measurement.compute_s,
+        peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
+        image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
+        attention_kernel=info["attention_kernel"],
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _psnr_cell(value: float | None) -> str:
+    return "" if value is None else ("inf" if math.isinf(value) else f"{value:.1f}")
+
+
+SEED_ROWS = {stack.name: stack.seed_row for stack in CATALOG}
+
+
+def table(rows: list[Row], baseline: str) -> str:
+    """The seed's table (Average, Min, P50, P90, P99 seconds) plus this project's columns."""
+    base = next((row for row in rows if row.name == baseline), None)
+    header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
+              "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Triton queue (s)",
+              "Triton compute (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}", f"PSNR vs {baseline} (dB)"]
+    cells = []
+    for row in rows:
+        speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
+        memory = "" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.2f}"
+        cells.append([
+            row.name, SEED_ROWS.get(row.name.removesuffix(DIRECT_SUFFIX), ""),
+            *(_seconds(v) for v in (row.average_s, row.min_s, row.p50_s, row.p90_s, row.p99_s)),
+            f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}", _seconds(row.queue_s),
+            _seconds(row.compute_s), memory, speedup, _psnr_cell(row.psnr_db),
+        ])
+    return markdown_table(header, cells)
+
+
+def markdown(rows: list[Row], config: Config, baseline: str, run: dict) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in run["versions"].items() if version)
+    gpu = run["gpu"] or "no GPU on the client host"
+    driver = f", driver {run['driver']}" if run["driver"] else ""
+    return (
+        f"# FLUX.1-dev stacks through Triton: {gpu}\n\n"
+        f"Configuration: {config.describe()}.\n\n"
+        f"Last run: `{run['command']}` on {run['date']}; Triton server {run['triton_server']}; {versions}"
+        f"{driver}. Every run is in environment.json.\n\n"
+        + table(rows, baseline)
+        + f"\nLatency is client-side, per request, in seconds. Speed-up: {baseline}'s P50 / the row's P50. "
+        f"PSNR: the fixed-seed reference image against {baseline}'s (images/), a measure of numerical "
+        "deviation, not of quality (inf: identical). Triton queue and compute: the server's own mean per "
+        f"request. Rows named `<stack>{DIRECT_SUFFIX}` ran in-process without the server, one request at a time."
+        "\n\n![latency per stack](latency.png)\n"
+    )
+
+
+def write_chart(path: Path, rows: list[Row], title: str) -> None:
+    """P50 bars with P90 marks and P99 whiskers; the plotted numbers go into the PNG's `fluxserve` text."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = np.arange(len(rows))
+    p50, p90, p99 = (np.array([getattr(row, key) for row in rows]) for key in ("p50_s", "p90_s", "p99_s"))
+    figure = Figure(figsize=(max(6.0, 0.9 * len(rows) + 2), 5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.bar(x, p50, color="#4c72b0", label="P50")
+    axes.errorbar(x, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt="none", ecolor="black", capsize=5, label="P99")
+    axes.scatter(x, p90, marker="_", s=300, color="#c44e52", zorder=3, label="P90")
+    for position, value, top in zip(x, p50, p99):
+        axes.annotate(f"{value:.2f}", (position, top), textcoords="offset points", xytext=(0, 4), ha="center",
+                      fontsize=8)
+    axes.set_xticks(x, [row.name for row in rows], rotation=30, ha="right")
+    axes.set_ylabel("latency per request (s)")
+    axes.set_title(textwrap.fill(title, 100), fontsize=8)
+    axes.legend()
+    figure.tight_layout()
+    data = {row.name: {"p50_s": row.p50_s, "p90_s": row.p90_s, "p99_s": row.p99_s} for row in rows}
+    figure.savefig(path, format="png", dpi=120, metadata={"fluxserve": json.dumps(data)})
+
+
+def write_reports(folder: Path, config: Config, baseline: str, run: dict) -> list[Row]:
+    """results.md and latency.png for this configuration, from results.csv (the one source of numbers)."""
+    rows = [row for row in read_rows(folder / "results.csv") if row.config == config]
+    (folder / "results.md").write_text(markdown(rows, config, baseline, run))
+    if rows:
+        write_chart(folder / "latency.png", rows, f"{run['gpu'] or 'CPU'}: {config.describe()}")
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="http")
+    parser.add_argument("--url", help=f"server address (default {DEFAULT_URLS['http']} / {DEFAULT_URLS['grpc']})")
+    parser.add_argument("--models", default=",".join(stack.name for stack in CATALOG),
+                        help="comma-separated stacks to measure through the server (default: the whole catalog)")
+    parser.add_argument("--direct", default="", help="comma-separated catalog stacks to measure in-process too")
+    parser.add_argument("--weights", default=os.environ.get(ENV_VAR),
+                        help=f"weights source for --direct (default: ${ENV_VAR}, else the launcher's default)")
+    parser.add_argument("--baseline", default="bf16", help="stack the speed-up and PSNR compare with (default bf16)")
+    parser.add_argument("--requests", type=positive, default=10, help="timed requests per stack (default 10)")
+    parser.add_argument("--concurrency", type=positive, default=1, help="requests in flight (default 1)")
+    parser.add_argument("--warmup", type=positive, default=1,
+                        help="untimed requests first (default 1); the first is the reference image")
+    parser.add_argument("--steps", type=int, default=LIMITS.default_steps)
+    parser.add_argument("--guidance", type=float, default=LIMITS.default_guidance)
+    parser.add_argument("--height", type=int, default=LIMITS.default_size)
+    parser.add_argument("--width", type=int, default=LIMITS.default_size)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the reference image (default 0); timed requests count up from it")
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line (default: perf/prompts.txt)")
+    parser.add_argument("--output", type=Path, help="results folder (default perf/results/<gpu-slug>)")
+    return parser.parse_args(argv)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def baseline_first(models: list[str], baseline: str) -> list[str]:
+    """The baseline goes first, so every later row's PSNR can be computed as soon as it is measured."""
+    return sorted(models, key=lambda name: name != baseline)
+
+
+def run_jobs(
+    client: FluxClient, args: argparse.Namespace, config: Config, prompts: list[str], folder: Path
+) -> list[str]:
+    """Measure each stack not yet in results.csv for this configuration, writing its row at once; returns the
+    names of the stacks that failed."""
+    jobs = [(model, "server") for model in baseline_first(names(args.models), args.baseline)]
+    jobs += [(stack, "direct") for stack in baseline_first(names(args.direct), args.baseline)]
+    done = {(row.name, row.config) for row in read_rows(folder / "results.csv")}
+    weights = resolve_weights(args.weights) if args.direct else None
+    print(f"sweep: {len(jobs)} stack(s); {config.describe()}; results in {folder}", flush=True)
+    failed = []
+    for number, (model, mode) in enumerate(jobs, 1):
+        name = model + DIRECT_SUFFIX if mode == "direct" else model
+        label = f"[{number}/{len(jobs)}] {name}:"
+        if (name, config) in done:
+            progress(label, "already in results.csv for this configuration: skipped")
+            continue
+        if mode == "server":
+            measurement = reporting_failure(label, measure_on_server, client, model, config, prompts, args.warmup,
+                                            label)
+        else:
+            measurement = reporting_failure(label, measure_direct, model, weights, config, prompts, args.warmup,
+                                            label)
+            release_memory()
+        if measurement is None:
+            failed.append(name)
+            continue
+        row = make_row(name, mode, config, measurement, folder, args.baseline)
+        append_row(folder / "results.csv", row)
+        progress(label, f"P50 {row.p50_s:.3f} s, P90 {row.p90_s:.3f} s, P99 {row.p99_s:.3f} s, "
+                        f"{row.steps_computed:.1f}/{row.config.steps} steps, load {row.load_s:.1f} s")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    prompts = load_prompts(args.prompts_file)
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:8]
+    config = Config(args.protocol, args.height, args.width, args.steps, args.guidance, args.requests,
+                    args.concurrency, args.seed, digest)
+    client = FluxClient(args.url, args.protocol)
+    try:
+        server_version = client.server_version()
+    except (InferenceServerException, ConnectionError) as exc:
+        message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+        print(f"error: cannot reach the server at {client.url}: {message}", file=sys.stderr)
+        return 1
+    gpu = gpu_name()
+    folder = args.output or RESULTS_ROOT / gpu_slug(gpu)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    run = environment(argv, server_version, gpu)
+    record_environment(folder, run)
+    failed = run_jobs(client, args, config, prompts, folder)
+    client.close()
+    rows = write_reports(folder, config, args.baseline, run)
+    print(f"sweep: {len(rows)} row(s) for this configuration in {folder / 'results.md'}"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`python -m perf.sweep` over three stacks (plus one in-process) on the real server, then a resumed rerun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, start_server
+
+MODELS = ["fp16", "bf16", "bf16-fbcache-0.3"]  # the baseline (bf16) is not first: the sweep measures it first
+EXPECTED_ORDER = ["bf16", "fp16", "bf16-fbcache-0.3", "bf16 (direct)"]
+REQUESTS = 3
+SWEEP_TIMEOUT_S = 600
+TIME_COLUMNS = {"Average Time (s)": "average_s", "Min Time (s)": "min_s", "P50 Time (s)": "p50_s",
+                "P90 Time (s)": "p90_s", "P99 Time (s)": "p99_s"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("sweep-server"), [])
+    yield server
+    server.stop()
+
+
+def sweep(server, output, models: list[str], *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "perf.sweep", "--url", server.http_url, "--models", ",".join(models),
+        "--requests", str(REQUESTS), "--concurrency", "2", "--steps", "2", "--height", "64", "--width", "64",
+        "--output", str(output), *extra,
+    ]
+    env = {**os.environ, "FLUXSERVE_WEIGHTS": "synthetic:tiny"}  # for --direct, as the server has
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def first_run(server, tmp_path_factory):
+    output = tmp_path_factory.mktemp("results")
+    done = sweep(server, output, MODELS, "--direct", "bf16")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return output, done.stdout
+
+
+def csv_rows(output) -> list[dict[str, str]]:
+    with open(output / "results.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def markdown_rows(output) -> list[dict[str, str]]:
+    lines = [line for line in (output / "results.md").read_text().splitlines() if line.startswith("| ")]
+    header, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    return [dict(zip(header, row)) for row in rows]
+
+
+def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run):
+    output, stdout = first_run
+    rows = csv_rows(output)
+    assert [row["name"] for row in rows] == EXPECTED_ORDER
+    for row in rows:
+        assert int(row["count"]) == REQUESTS
+        latencies = [float(row[key]) for key in ("min_s", "p50_s", "p90_s", "p99_s")]
+        assert latencies == sorted(latencies) and latencies[0] > 0
+        assert float(row["min_s"]) <= float(row["average_s"]) <= float(row["p99_s"])
+        assert 1 <= float(row["steps_computed"]) <= 2 and float(row["load_s"]) > 0
+        assert row["device"] == "cpu" and row["weights"] == "synthetic:tiny" and row["peak_memory_gib"] == ""
+    for row in rows[:3]:  # through the server: Triton's own statistics
+        assert row["mode"] == "server"
+        assert 0 <= float(row["queue_s"]) and 0 < float(row["compute_s"]) <= float(row["average_s"])
+    assert rows[3]["mode"] == "direct" and rows[3]["queue_s"] == ""
+    assert "[1/4] bf16: loaded in" in stdout and f"request {REQUESTS}/{REQUESTS}" in stdout
+    assert "[4/4] bf16 (direct): built in" in stdout
+
+
+def test_psnr_is_against_the_baseline_image(first_run):
+    output, _ = first_run
+    psnr = {row["name"]: float(row["psnr_db"]) for row in csv_rows(output)}
+    assert psnr["bf16"] == math.inf and psnr["bf16 (direct)"] == math.inf  # in-process = through the server
+    assert 10 < psnr["fp16"] < math.inf
+    for row in csv_rows(output):
+        image = Image.open(output / row["image"])
+        assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_markdown_table_agrees_with_the_csv(first_run):
+    output, _ = first_run
+    rows, table = csv_rows(output), markdown_rows(output)
+    assert [line["Optimization Technique"] for line in table] == EXPECTED_ORDER
+    baseline_p50 = float(rows[0]["p50_s"])
+    for row, line in zip(rows, table):
+        for column, key in TIME_COLUMNS.items():
+            assert float(line[column]) == pytest.approx(float(row[key]), abs=0.0051), (column, row["name"])
+        assert line["Steps computed"] == f"{float(row['steps_computed']):.1f}/2"
+        assert float(line["Load (s)"]) == pytest.approx(float(row["load_s"]), abs=0.051)
+        speedup = float(line["Speed-up vs bf16"].removesuffix("x"))
+        assert speedup == pytest.approx(baseline_p50 / float(row["p50_s"]), abs=0.0051)
+        psnr, expected = line["PSNR vs bf16 (dB)"], float(row["psnr_db"])
+        assert psnr == "inf" if math.isinf(expected) else float(psnr) == pytest.approx(expected, abs=0.051)
+    assert table[1]["Seed row"] == "Baseline (FP16)" and table[0]["Speed-up vs bf16"] == "1.00x"
+
+
+def test_chart_plots_the_csv_numbers(first_run):
+    output, _ = first_run
+    chart = Image.open(output / "latency.png")
+    assert chart.format == "PNG" and chart.size[0] >= 600
+    plotted = json.loads(chart.info["fluxserve"])
+    assert list(plotted) == EXPECTED_ORDER
+    for row in csv_rows(output):
+        assert plotted[row["name"]] == {key: float(row[key]) for key in ("p50_s", "p90_s", "p99_s")}
+
+
+def test_environment_records_command_and_versions(first_run):
+    output, _ = first_run
+    (run,) = json.loads((output / "environment.json").read_text())["runs"]
+    assert run["command"].startswith("python -m perf.sweep --url") and "--direct bf16" in run["command"]
+    assert run["triton_server"] and run["gpu"] is None
+    assert all(run["versions"][package] for package in ("torch", "diffusers", "torchao", "tritonclient"))
+    assert run["command"] in (output / "results.md").read_text()
+
+
+def test_rerun_skips_finished_stacks_and_goes_on_past_a_failing_one(server, first_run):
+    output, _ = first_run
+    before = (output / "results.csv").read_text()
+    done = sweep(server, output, [*MODELS, "bf16-fp8", "bf16-fbcache-0.2"], "--direct", "bf16")
+    assert done.returncode == 1  # bf16-fp8 cannot load on CPU
+    assert done.stdout.count("already in results.csv for this configuration: skipped") == 4
+    assert "bf16-fp8: FAILED: load failed for model 'bf16-fp8'" in done.stdout
+    assert "compute capability 8.9" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    after = (output / "results.csv").read_text()
+    assert after.startswith(before)
+    assert [row["name"] for row in csv_rows(output)] == [*EXPECTED_ORDER, "bf16-fbcache-0.2"]
+    assert [line["Optimization Technique"] for line in markdown_rows(output)][-1] == "bf16-fbcache-0.2"
+    assert len(json.loads((output / "environment.json").read_text())["runs"]) == 2
