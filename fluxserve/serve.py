@@ -96,6 +96,12 @@ def server_command(
     return [*command, *extra]
 
 
+def admin_headers(protocol: str, admin_key: str) -> dict[str, str]:
+    """Request headers that unlock the restricted APIs; Triton expects gRPC's with a protocol prefix."""
+    prefix = "triton-grpc-protocol-" if protocol == "grpc" else ""
+    return {prefix + ADMIN_HEADER: admin_key}
+
+
 def check_admin_exposure(address: str, admin_key: str | None, open_admin_api: bool) -> None:
     """Refuse to expose load/unload to the network without a key, unless the operator says so."""
     if admin_key or address in LOOPBACK:

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fluxserve.repository import config_pbtxt, MODEL_PY  # noqa: E402
+from fluxserve.repository import MODEL_PY, QueuePolicy, config_pbtxt  # noqa: E402
 from fluxserve.stacks import Stack  # noqa: E402
 
 # Models the tests load besides catalog ones: FBCache and TeaCache at the extremes of their thresholds.
@@ -28,6 +28,8 @@ TEACACHE_NEVER_SKIPS = Stack(cache="teacache", cache_threshold=0.0)
 TEACACHE_ALWAYS_SKIPS = Stack(cache="teacache", cache_threshold=1e6)
 TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS, TEACACHE_ALWAYS_SKIPS)
 SERVER_START_TIMEOUT_S = 180
+QUEUE_OF_FOUR = "bf16-queue4"  # the bf16 stack behind a queue of 4, for the overload test
+OOM_PROMPT = "__inject_out_of_memory__"
 
 
 def free_port() -> int:
@@ -94,10 +96,12 @@ def start_server(tmp: Path, models: list[str], repository: Path | None = None, e
             raise RuntimeError(f"tritonserver exited with {process.returncode}:\n{server.log()[-5000:]}")
         try:
             if client.is_server_ready():
+                client.close()
                 return server
         except Exception:
             pass
         time.sleep(0.5)
+    client.close()
     server.stop()
     raise RuntimeError(f"tritonserver not ready after {SERVER_START_TIMEOUT_S} s:\n{server.log()[-5000:]}")
 
@@ -111,14 +115,20 @@ def test_repository(tmp_path_factory) -> Path:
         (repository / stack.name / "1").mkdir(parents=True)
         (repository / stack.name / "config.pbtxt").write_text(config_pbtxt(stack))
         (repository / stack.name / "1" / "model.py").write_text(MODEL_PY)
+    queued = repository / QUEUE_OF_FOUR
+    (queued / "1").mkdir(parents=True)
+    config = config_pbtxt(Stack(), queue=QueuePolicy(max_queue_size=4))
+    (queued / "config.pbtxt").write_text(config.replace('name: "bf16"', f'name: "{QUEUE_OF_FOUR}"'))
+    (queued / "1" / "model.py").write_text(MODEL_PY)
     return repository
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, test_repository):
     """One server for the whole session with the baseline, two catalog stacks and the FBCache extremes."""
-    models = ["bf16", "bf16-fa2-fbcache-0.3-int8", "fp16", *(stack.name for stack in TEST_STACKS)]
-    server = start_server(tmp_path_factory.mktemp("server"), models, repository=test_repository)
+    models = ["bf16", "bf16-fa2-fbcache-0.3-int8", "fp16", QUEUE_OF_FOUR, *(stack.name for stack in TEST_STACKS)]
+    server = start_server(tmp_path_factory.mktemp("server"), models, repository=test_repository,
+                          env_extra={"FLUXSERVE_INJECT_OOM_PROMPT": OOM_PROMPT})
     yield server
     server.stop()
 

@@ -109,6 +109,10 @@ BAD_INPUTS = [
     ("infinite guidance", "ok", {"GUIDANCE": float("inf")}, ["GUIDANCE", "finite"]),
     ("negative guidance", "ok", {"GUIDANCE": -1.0}, ["GUIDANCE", "[0.0, 30.0]"]),
     ("negative seed", "ok", {"SEED": -3}, ["SEED", "[0,"]),
+    ("huge prompt", "fox " * 25_000, {}, ["PROMPT", "at most 2000 characters"]),
+    ("negative infinite guidance", "ok", {"GUIDANCE": float("-inf")}, ["GUIDANCE", "finite"]),
+    ("guidance above range", "ok", {"GUIDANCE": 31.0}, ["GUIDANCE", "[0.0, 30.0]"]),
+    ("too many pixels", "ok", {"HEIGHT": 2048, "WIDTH": 2048}, ["HEIGHT x WIDTH", "2097152"]),
 ]
 
 
@@ -138,8 +142,14 @@ def _raw_input(name, datatype, array):
         (lambda: _raw_input("STEPS", "FP32", np.array([[4.0]], np.float32)), ["STEPS", "expects 'INT32'"]),
         (lambda: _raw_input("STEPS", "INT32", np.array([[4, 5]], np.int32)), ["STEPS", "[-1,1]"]),
         (lambda: _raw_input("PROMPT", "BYTES", np.array([[b"a", b"b"]], np.object_)), ["PROMPT", "[-1,1]"]),
+        (lambda: _raw_input("SEED", "INT32", np.array([[4]], np.int32)), ["SEED", "expects 'INT64'"]),
+        (lambda: _raw_input("HEIGHT", "FP32", np.array([[512.0]], np.float32)), ["HEIGHT", "expects 'INT32'"]),
+        (lambda: _raw_input("PROMPT", "INT32", np.array([[1]], np.int32)), ["PROMPT", "expects 'BYTES'"]),
+        (lambda: _raw_input("PROMPT", "BYTES", np.array([[b"a"], [b"b"]], np.object_)), ["batch", "1"]),
+        (lambda: _raw_input("NEGATIVE", "BYTES", np.array([[b"x"]], np.object_)), ["NEGATIVE"]),
     ],
-    ids=["wrong dtype", "wrong shape", "two prompts"],
+    ids=["wrong dtype", "wrong shape", "two prompts", "seed as int32", "height as float", "prompt as int",
+         "batch of two", "unknown input"],
 )
 def test_wrong_dtype_or_shape_is_rejected_by_name(server, tensor, words):
     client = httpclient.InferenceServerClient(server.http_url)
@@ -150,7 +160,18 @@ def test_wrong_dtype_or_shape_is_rejected_by_name(server, tensor, words):
         client.infer("bf16", inputs)
     for word in words:
         assert word in error.value.message(), error.value.message()
-    assert client.is_model_ready("bf16")
+    assert client.is_model_ready("bf16") and good_request(server)
+
+
+def test_unknown_model_is_not_found(server):
+    with pytest.raises(InferenceServerException) as error:
+        infer(server, "bf16-warp-drive", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64)
+    assert "unknown model" in error.value.message() and "bf16-warp-drive" in error.value.message()
+    assert good_request(server)
+
+
+def good_request(server) -> bool:
+    return output(infer(server, "bf16", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
 
 
 def test_overlong_prompt_is_truncated_with_a_warning(server):
