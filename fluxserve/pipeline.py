@@ -30,15 +30,24 @@ class StepCounter:
     """Counts transformer forwards that really ran the blocks.
 
     The pre-hook sits on a module inside the last single block: a hook on the block itself still fires when
-    a step cache skips it (the cache replaces the block's forward, not its call)."""
+    a step cache skips it (the cache replaces the block's forward, not its call). The count is a device tensor
+    incremented in place, so torch.compile traces the hook into the block's graph (no graph break) and the
+    loop never waits on the host; it is read once per request."""
 
     def __init__(self, transformer) -> None:
-        self.count = 0
-        transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(self._count)
+        last_block = transformer.single_transformer_blocks[-1]
+        self._count = torch.zeros((), dtype=torch.int64, device=next(last_block.parameters()).device)
+        last_block.norm.register_forward_pre_hook(self._increment)
 
-    @torch.compiler.disable
-    def _count(self, module, args) -> None:
-        self.count += 1
+    def _increment(self, module, args) -> None:
+        self._count.add_(1)
+
+    def reset(self) -> None:
+        self._count.zero_()
+
+    @property
+    def count(self) -> int:
+        return int(self._count.item())
 
 
 @dataclass
@@ -146,7 +155,7 @@ class StackPipeline:
     def _reset_step_state(self) -> None:
         """Zero the step counter and every stateful cache hook: a request that ended early (cancelled, out of
         memory) skips the pipeline's own reset, and the next request must not see its cached residuals."""
-        self.steps.count = 0
+        self.steps.reset()
         HookRegistry.check_if_exists_or_initialize(self.pipe.transformer).reset_stateful_hooks()
 
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

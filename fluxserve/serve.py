@@ -27,7 +27,10 @@ ADMIN_HEADER = "admin-key"
 RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
-BACKEND_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve" / "backends"
+CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
+BACKEND_CACHE = CACHE_HOME / "backends"
+# torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 @dataclass
@@ -116,11 +119,13 @@ def check_admin_exposure(address: str, admin_key: str | None, open_admin_api: bo
 
 def server_environment(install: TritonInstall, weights: str, base: dict | None = None) -> dict[str, str]:
     """The server's environment: this Python first on PATH (the backend runs the stub with it), the
-    wheel's libraries on LD_LIBRARY_PATH, this checkout on PYTHONPATH, and the weights source."""
+    wheel's libraries on LD_LIBRARY_PATH, this checkout on PYTHONPATH, a persistent compile cache (unless
+    TORCHINDUCTOR_CACHE_DIR is set), and the weights source."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*install.library_path, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env.setdefault(COMPILE_CACHE_ENV, str(CACHE_HOME / "inductor"))
     env[ENV_VAR] = weights
     return env
 

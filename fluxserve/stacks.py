@@ -172,6 +172,15 @@ CATALOG: tuple[Stack, ...] = (
     # TaylorSeer: a computed step in every 3 (conservative) or every 5 (aggressive, diffusers' default).
     Stack(cache="taylorseer", cache_interval=3),
     Stack(cache="taylorseer", cache_interval=5),
+    # Beyond the seed: kernels and compilation (the fastest uncached stacks), then compilation with a cache.
+    Stack(attention="cudnn"),
+    Stack(compile="regional"),
+    Stack(fuse_qkv=True, compile="regional"),
+    Stack(attention="cudnn", fuse_qkv=True, compile="regional"),
+    Stack(quantization="fp8", fuse_qkv=True, compile="regional"),
+    Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional"),
+    Stack(attention="cudnn", cache="fbcache", cache_threshold=0.3, quantization="fp8", fuse_qkv=True,
+          compile="regional"),
 )
 
 DEFAULT_STACK = "bf16"
