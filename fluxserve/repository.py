@@ -98,6 +98,13 @@ def write_repository(root: Path) -> None:
         (model / "1" / "model.py").write_text(MODEL_PY)
 
 
+def stack_table() -> str:
+    """The README's stack table (a test keeps the README in step with the catalog)."""
+    rows = ["| model | what it applies | seed benchmark row |", "|---|---|---|"]
+    rows += [f"| `{stack.name}` | {stack.description} | {stack.seed_row or '(beyond the seed)'} |" for stack in CATALOG]
+    return "\n".join(rows)
+
+
 def differences(committed: Path) -> list[str]:
     """Files that differ between `committed` and what the catalog generates (empty when in sync)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed repository is out of date")
     parser.add_argument("--output", type=Path, default=REPOSITORY)
+    parser.add_argument("--readme-table", action="store_true", help="print the README's stack table and exit")
     args = parser.parse_args(argv)
+    if args.readme_table:
+        print(stack_table())
+        return 0
     if args.check:
         drift = differences(args.output)
         print("\n".join(drift) or "model repository matches the catalog")

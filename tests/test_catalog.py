@@ -104,3 +104,9 @@ def test_bad_weights_sources_name_what_was_expected(spec, words):
 def test_folder_without_pipeline_is_rejected(tmp_path):
     with pytest.raises(WeightsError, match="model_index.json"):
         parse_source(str(tmp_path))
+
+
+def test_readme_stack_table_matches_the_catalog():
+    from fluxserve.repository import stack_table
+
+    assert stack_table() in (ROOT / "README.md").read_text()
