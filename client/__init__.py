@@ -7,6 +7,7 @@ all go through `FluxClient`. Server errors surface as tritonclient's `InferenceS
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -50,9 +51,8 @@ class GenerateRequest:
     width: int = LIMITS.default_size
 
     def values(self) -> dict[str, object]:
-        """Contract input name -> value, leaving out what the server should default."""
-        values = {"PROMPT": self.prompt, "SEED": self.seed, "STEPS": self.steps, "GUIDANCE": self.guidance,
-                  "HEIGHT": self.height, "WIDTH": self.width}
+        """Contract input name (the field's name in capitals) -> value, leaving out what the server defaults."""
+        values = {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
         return {name: value for name, value in values.items() if value is not None}
 
 

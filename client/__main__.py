@@ -6,7 +6,8 @@
   python -m client --load bf16-fbcache-0.3        (explicit model-control mode)
   python -m client --unload bf16-fbcache-0.3
 
-Server errors are printed as the server's message, exit code 1; usage errors exit with 2.
+Server errors are printed as the server's message, exit code 1; usage errors exit with 2. When the server
+has an admin key, --list, --load and --unload need it in FLUXSERVE_ADMIN_KEY.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import ADMIN_KEY_ENV, FluxClient, GenerateRequest
+from client import ADMIN_KEY_ENV, DEFAULT_OUTPUTS, FluxClient, GenerateRequest
 from conftest import ROOT, start_server
+from fluxserve.contract import INPUTS, OUTPUTS
 
 CLI_TIMEOUT_S = 120
 SMALL = ["--steps", "2", "--height", "64", "--width", "80"]
@@ -147,7 +148,10 @@ def test_input_shapes_follow_the_model_config(batched, shape):
     client = FluxClient("127.0.0.1:9", "http")  # no request is sent
     client._batched["bf16"] = batched
     tensors = client.inputs("bf16", GenerateRequest("x", seed=1))
-    assert {tensor.name(): tensor.shape() for tensor in tensors} == {
-        name: shape for name in ("PROMPT", "SEED", "STEPS", "GUIDANCE", "HEIGHT", "WIDTH")
-    }
+    assert {tensor.name(): tensor.shape() for tensor in tensors} == {name: shape for name in INPUTS}
     assert "SEED" not in {tensor.name() for tensor in client.inputs("bf16", GenerateRequest("x"))}
+
+
+def test_request_fields_are_the_contract_inputs():
+    assert {name.upper() for name in GenerateRequest.__dataclass_fields__} == set(INPUTS)
+    assert set(DEFAULT_OUTPUTS) <= set(OUTPUTS)
