@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. the output file cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -145,23 +145,28 @@ def _parse(text: str, annotation: str):
 # ---------------------------------------------------------------- results folder
 
 
+def nvidia_smi(field: str) -> str | None:
+    """One field of the first GPU from nvidia-smi (no CUDA context in this process), None without it."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"]
+    done = subprocess.run(query, capture_output=True, text=True, timeout=30)
+    lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
 def gpu_name() -> str | None:
-    """This host's first CUDA GPU, by torch (the server runs on the same host in the benchmark setup)."""
+    """This host's first GPU (the server runs on the same host in the benchmark setup), None without one."""
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return nvidia_smi("name") or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def gpu_slug(name: str | None) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") if name else "cpu"
-
-
-def nvidia_driver() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-    done = subprocess.run(query, capture_output=True, text=True, timeout=30)
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+    """'NVIDIA H200' -> 'h200': the results folder's name; 'cpu' without a GPU."""
+    if not name:
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").removeprefix("nvidia-")
 
 
 def environment(argv: list[str], server_version: str, gpu: str | None) -> dict:
@@ -182,7 +187,7 @@ def environment(argv: list[str], server_version: str, gpu: str | None) -> dict:
         "triton_server": server_version,
         "gpu": gpu,
         "cuda": torch.version.cuda,
-        "driver": nvidia_driver(),
+        "driver": nvidia_smi("driver_version"),
     }
 
 
@@ -598,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     run = environment(argv, server_version, gpu)
     record_environment(folder, run)
-    failed = run_jobs(client, args, config, prompts, folder)
+    try:
+        failed = run_jobs(client, args, config, prompts, folder)
+    except KeyboardInterrupt:
+        print("sweep: interrupted; the same command resumes after the last stack measured", file=sys.stderr)
+        return 130
     client.close()
     rows = write_reports(folder, config, args.baseline, run)
     print(f"sweep: {len(rows)} row(s) for this configuration in {folder / 'results.md'}"

@@ -136,3 +136,11 @@ def test_rerun_skips_finished_stacks_and_goes_on_past_a_failing_one(server, firs
     assert [row["name"] for row in csv_rows(output)] == [*EXPECTED_ORDER, "bf16-fbcache-0.2"]
     assert [line["Optimization Technique"] for line in markdown_rows(output)][-1] == "bf16-fbcache-0.2"
     assert len(json.loads((output / "environment.json").read_text())["runs"]) == 2
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"),
+                                       (None, "cpu")])
+def test_results_folder_is_named_for_the_gpu(name, slug):
+    from perf.sweep import gpu_slug
+
+    assert gpu_slug(name) == slug
