@@ -126,6 +126,9 @@ def server_environment(install: TritonInstall, weights: str, base: dict | None =
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*install.library_path, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
     env.setdefault(COMPILE_CACHE_ENV, str(CACHE_HOME / "inductor"))
+    # A UTF-8 locale for the backend's embedded Python (see triton_model): under "C" text files open as ASCII.
+    if "UTF-8" not in env.get("LC_ALL", env.get("LANG", "")).upper().replace("UTF8", "UTF-8"):
+        env["LC_ALL"] = "C.UTF-8"
     env[ENV_VAR] = weights
     return env
 

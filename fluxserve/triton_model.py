@@ -5,6 +5,7 @@ Imported only inside Triton's Python backend stub (it needs `triton_python_backe
 from __future__ import annotations
 
 import json
+import locale
 import traceback
 
 import numpy as np
@@ -47,6 +48,9 @@ class StepMetrics:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # The stub embeds Python without taking the locale from the environment, so files opened as text are
+        # ASCII, and torch.compile's Inductor fails on its UTF-8 kernel templates. Do what `python` does.
+        locale.setlocale(locale.LC_CTYPE, "")
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         device = instance_device(args["model_instance_kind"], int(args["model_instance_device_id"]))

@@ -28,6 +28,7 @@ TEACACHE_NEVER_SKIPS = Stack(cache="teacache", cache_threshold=0.0)
 TEACACHE_ALWAYS_SKIPS = Stack(cache="teacache", cache_threshold=1e6)
 TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS, TEACACHE_ALWAYS_SKIPS)
 SERVER_START_TIMEOUT_S = 180
+COMPILED_STACK = "bf16-fusedqkv-compile-regional"  # compiles at load, inside the backend's stub
 QUEUE_OF_FOUR = "bf16-queue4"  # the bf16 stack behind a queue of 4, for the overload test
 OOM_PROMPT = "__inject_out_of_memory__"
 
@@ -126,7 +127,7 @@ def test_repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, test_repository):
     """One server for the whole session with the baseline, two catalog stacks and the FBCache extremes."""
-    models = ["bf16", "bf16-fa2-fbcache-0.3-int8", "fp16", QUEUE_OF_FOUR, *(stack.name for stack in TEST_STACKS)]
+    models = ["bf16", "bf16-fa2-fbcache-0.3-int8", "fp16", COMPILED_STACK, QUEUE_OF_FOUR, *(stack.name for stack in TEST_STACKS)]
     server = start_server(tmp_path_factory.mktemp("server"), models, repository=test_repository,
                           env_extra={"FLUXSERVE_INJECT_OOM_PROMPT": OOM_PROMPT})
     yield server

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from conftest import FBCACHE_ALWAYS_SKIPS, FBCACHE_NEVER_SKIPS, make_inputs
+from conftest import COMPILED_STACK, FBCACHE_ALWAYS_SKIPS, FBCACHE_NEVER_SKIPS, make_inputs
 
 ALL_OUTPUTS = ("IMAGE", "IMAGE_PNG", "STEPS_COMPUTED", "INFO")
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
@@ -56,6 +56,14 @@ def test_generates_png_and_image_of_the_asked_size(server, protocol, model):
     assert info["seed"] == 7 and info["guidance"] == 4.0 and (info["height"], info["width"]) == (80, 112)
     assert "attention" in info["attention_kernel"] and info["latency_ms"] > 0
     assert {"text_encode", "denoise", "vae_decode", "png_encode"} <= set(info["timings_ms"])
+
+
+def test_compiled_stack_serves_the_same_image_within_rounding(server):
+    eager = infer(server, "bf16", SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
+    compiled = infer(server, COMPILED_STACK, SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
+    assert output(compiled, "STEPS_COMPUTED")[0] == 3
+    difference = np.abs(output(compiled, "IMAGE").astype(int) - output(eager, "IMAGE").astype(int))
+    assert difference.mean() < 2.0, difference.mean()  # fused bf16 kernels round differently, nothing more
 
 
 def test_defaults_apply_when_optional_inputs_are_absent(server):
