@@ -10,10 +10,12 @@ residual of the image stream (output of the last block minus input of the first)
 blocks; otherwise it computes, caches the new residual and resets the sum. The first and last steps always
 compute.
 
-diffusers' FluxPipeline passes no step index to the transformer, so the hook counts its calls; the state is
-per request and per cache context (FluxPipeline's "cond"): the pipeline resets stateful hooks at the end of
-every call, and each `apply_teacache` builds its own state, so pipelines never share it. Knowing the last step
-needs the request's step count: set `TeaCacheConfig.num_inference_steps` before each generation.
+diffusers' FluxPipeline passes no step index to the transformer, so the hook counts its calls. Knowing the last
+step needs the generation's step count: `fluxserve.optimize.set_cache_steps` sets
+`TeaCacheConfig.num_inference_steps` before each one. The state is per generation and per cache context
+(FluxPipeline's "cond"): FluxPipeline resets stateful hooks at the end of every call, and `StackPipeline` before
+every request too (a cancelled one never reaches that end); each `apply_teacache` builds its own state, so
+pipelines never share it.
 
 A skipped step never calls the blocks' forward, so a counter hooked inside the last block counts only
 computed steps.
@@ -94,7 +96,8 @@ class TeaCacheState(BaseState):
         self.residual: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Nothing to clear: the StateManager drops this state after resetting it, the next call starts anew."""
+        """Nothing to clear: the StateManager drops this state after resetting it; the next generation gets a
+        new one."""
 
 
 def relative_l1_distance(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -147,8 +150,8 @@ class TeaCacheHeadHook(_FluxBlockHook):
 
     @torch.compiler.disable
     def _decide(self, state: TeaCacheState, modulated_input: torch.Tensor) -> bool:
-        always_computes = state.step_index in (0, self.config.num_inference_steps - 1)
-        distance = None if always_computes else relative_l1_distance(modulated_input, state.previous_modulated_input)
+        first_or_last = state.step_index in (0, self.config.num_inference_steps - 1)
+        distance = None if first_or_last else relative_l1_distance(modulated_input, state.previous_modulated_input)
         state.previous_modulated_input = modulated_input
         state.step_index += 1
         return state.rule.should_compute(distance)
@@ -184,8 +187,9 @@ def apply_teacache(transformer: FluxTransformer2DModel, config: TeaCacheConfig) 
         raise ValueError(f"TeaCache's rescale polynomial is fitted on FLUX, not {type(transformer).__name__}")
     if transformer.is_cache_enabled:
         raise ValueError(f"caching is already enabled with {type(transformer._cache_config).__name__}")
-    state_manager = StateManager(TeaCacheState, init_kwargs=dict(threshold=config.threshold,
-                                                                 coefficients=config.coefficients))
+    state_manager = StateManager(
+        TeaCacheState, init_kwargs={"threshold": config.threshold, "coefficients": config.coefficients}
+    )
     head, *middle, tail = (*transformer.transformer_blocks, *transformer.single_transformer_blocks)
     hooks = [(head, TeaCacheHeadHook(state_manager, config), _TEACACHE_HEAD_HOOK)]
     hooks += [(block, TeaCacheBlockHook(state_manager), _TEACACHE_BLOCK_HOOK) for block in middle]
