@@ -314,8 +314,9 @@ def measure_on_server(client: FluxClient, model: str, config: Config, prompts: l
     progress(label, f"loaded in {load_s:.1f} s")
     generate = per_thread_generate(client.url, client.protocol, model)
     try:
+        start = client.statistics(model)
         reference = warm_up(generate, config, prompts, warmup, label)
-        before = client.statistics(model)
+        before = start + client.statistics_since(model, start, warmup)  # the warm-up counted, not measured
         results = run_requests(generate, measured_requests(config, prompts), config.concurrency, label)
         served = client.statistics_since(model, before, len(results))
     finally:
