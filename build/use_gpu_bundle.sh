@@ -56,8 +56,10 @@ PYTHON
         if ! "$venv/bin/python" -c 'import importlib.util, sys
 if importlib.util.find_spec("scipy"):
     import scipy.stats' 2>/dev/null; then
-            echo "use_gpu_bundle: the host's scipy does not import beside numpy 1.26: hidden from $venv" >&2
-            echo 'import sys; sys.modules.setdefault("scipy", None)' > "$packages/_fluxserve_no_scipy.pth"
+            echo "use_gpu_bundle: the host's scipy does not import beside numpy 1.26: scipy and scikit-learn hidden from $venv" >&2
+            # scikit-learn too: transformers imports it when present, and it needs scipy.
+            echo 'import sys; sys.modules.setdefault("scipy", None); sys.modules.setdefault("sklearn", None)' \
+                > "$packages/_fluxserve_no_scipy.pth"
         fi
         printf '#!/bin/sh\nexec "%s" -m locust "$@"\n' "$venv/bin/python" > "$venv/bin/locust"
         chmod 755 "$venv/bin/locust"
