@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -25,29 +26,29 @@ ATTENTION_OP_MARKERS = ("scaled_dot_product", "flash_attn", "attention")
 class _StopRequested(Exception):
     """Raised from the step callback to end the denoising loop at once (cancellation)."""
 
+    def __init__(self, steps_run: int) -> None:
+        super().__init__(f"stopped after {steps_run} steps")
+        self.steps_run = steps_run
+
 
 class StepCounter:
     """Counts transformer forwards that really ran the blocks.
 
     The pre-hook sits on a module inside the last single block: a hook on the block itself still fires when
-    a step cache skips it (the cache replaces the block's forward, not its call). The count is a device tensor
-    incremented in place, so torch.compile traces the hook into the block's graph (no graph break) and the
-    loop never waits on the host; it is read once per request."""
+    a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
+    torch.compile's graphs (one graph break in the last block): a count traced into the graph as a tensor
+    mutation read 0 on the GPU for the fp8 compiled stack (torch 2.11)."""
 
     def __init__(self, transformer) -> None:
-        last_block = transformer.single_transformer_blocks[-1]
-        self._count = torch.zeros((), dtype=torch.int64, device=next(last_block.parameters()).device)
-        last_block.norm.register_forward_pre_hook(self._increment)
+        self.count = 0
+        transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(self._increment)
 
+    @torch.compiler.disable
     def _increment(self, module, args) -> None:
-        self._count.add_(1)
+        self.count += 1
 
     def reset(self) -> None:
-        self._count.zero_()
-
-    @property
-    def count(self) -> int:
-        return int(self._count.item())
+        self.count = 0
 
 
 @dataclass
@@ -71,6 +72,7 @@ class StackPipeline:
         self.device = device
         self.weights = weights
         self.attention_backend = attention_backend
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.attention_kernel = "unknown (not warmed up)"
         self.steps = StepCounter(pipe.transformer)
 
@@ -80,7 +82,8 @@ class StackPipeline:
         return time.perf_counter()
 
     def peak_memory_gib(self) -> float | None:
-        """Peak GPU memory this process allocated since it started (weights included); None on CPU."""
+        """Peak GPU memory allocated since the stack was applied (its weights, warm-up and requests; not the
+        transient peak of loading bf16 weights before quantizing them); None on CPU."""
         if self.device.type != "cuda":
             return None
         return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
@@ -101,37 +104,13 @@ class StackPipeline:
     def generate(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> Generation:
         """Run one request. `should_stop` is polled after every denoising step: when it says so the loop
         ends there and the result is marked cancelled, without an image."""
-        pipe = self.pipe
-        steps_run = 0
-
-        def on_step_end(pipeline, step, timestep, tensors):
-            nonlocal steps_run
-            steps_run += 1
-            if should_stop is not None and should_stop():
-                raise _StopRequested
-            return tensors
-
         start = self._sync()
-        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
-            prompt=request.prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
+        embeddings = self._encode(request.prompt)
         encoded = self._sync()
-        self._reset_step_state()
-        set_cache_steps(pipe.transformer, request.steps)
         try:
-            latents = pipe(
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                height=request.height,
-                width=request.width,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-            ).images
-        except _StopRequested:
-            return Generation(None, steps_run, self.steps.count, cancelled=True, timings_ms={})
+            latents, steps_run = self._denoise(embeddings, request, should_stop)
+        except _StopRequested as stop:
+            return Generation(None, stop.steps_run, self.steps.count, cancelled=True, timings_ms={})
         denoised = self._sync()
         image = self._decode(latents, request.height, request.width)
         decoded = self._sync()
@@ -152,6 +131,39 @@ class StackPipeline:
             warnings=self.prompt_warnings(request.prompt),
         )
 
+    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt -> (T5 sequence embeddings, CLIP pooled embedding)."""
+        prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
+        )
+        return prompt_embeds, pooled_prompt_embeds
+
+    def _denoise(self, embeddings, request: GenerationRequest, should_stop) -> tuple[torch.Tensor, int]:
+        """The denoising loop (FluxPipeline's own); returns packed latents and the steps it went through."""
+        steps_run = 0
+
+        def on_step_end(pipeline, step, timestep, tensors):
+            nonlocal steps_run
+            steps_run += 1
+            if should_stop is not None and should_stop():
+                raise _StopRequested(steps_run)
+            return tensors
+
+        self._reset_step_state()
+        set_cache_steps(self.pipe.transformer, request.steps)
+        latents = self.pipe(
+            prompt_embeds=embeddings[0],
+            pooled_prompt_embeds=embeddings[1],
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+        ).images
+        return latents, steps_run
+
     def _reset_step_state(self) -> None:
         """Zero the step counter and every stateful cache hook: a request that ended early (cancelled, out of
         memory) skips the pipeline's own reset, and the next request must not see its cached residuals."""
@@ -166,14 +178,17 @@ class StackPipeline:
         pixels = pipe.vae.decode(latents, return_dict=False)[0][0]
         return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
 
+    @torch.inference_mode()
     def warm_up(self, request: GenerationRequest) -> None:
-        """Run the request once (compiles, autotunes, allocates), then once more under the profiler to see
-        which attention kernel actually runs."""
+        """Run the request once (compiles, autotunes, allocates), then one denoising step under the profiler
+        to see which attention kernel the transformer actually runs (text encoders and VAE left out: they
+        have attention of their own)."""
         self.generate(request)
         from torch.profiler import ProfilerActivity, profile
 
+        embeddings = self._encode(request.prompt)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.generate(GenerationRequest(**{**request.__dict__, "steps": 1}))
+            self._denoise(embeddings, dataclasses.replace(request, steps=1), should_stop=None)
         self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
 
 
@@ -193,6 +208,8 @@ def build_pipeline(
     pipe = load_pipeline(weights, TORCH_DTYPES[stack.dtype], device)
     pipe.set_progress_bar_config(disable=True)
     backend = optimize_transformer(pipe.transformer, stack, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
     if warm_up is not None:
         stack_pipeline.warm_up(warm_up)
