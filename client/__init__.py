@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from fluxserve.contract import INPUTS, Limits
+from fluxserve.contract import ADMIN_KEY_ENV, INPUTS, Limits, admin_headers
 
 __all__ = ["FluxClient", "GenerateRequest", "GenerateResult", "InferenceServerException", "ModelState"]
 
@@ -29,12 +29,6 @@ LIMITS = Limits()
 # Loading a stack (weights, warm-up, compile) can take minutes: HTTP must not give up on it or on a queued
 # request; gRPC waits without a deadline by default.
 HTTP_NETWORK_TIMEOUT_S = 3600.0
-# The launcher restricts the model-repository API (list, load, unload) to requests carrying this header when
-# FLUXSERVE_ADMIN_KEY is set (fluxserve.serve's ADMIN_KEY_ENV and ADMIN_HEADER, not imported: that module
-# pulls in torch). Triton reads a gRPC client's header with a protocol prefix.
-ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
-ADMIN_HEADER = "admin-key"
-GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 UNLOAD_POLL_S = 0.2
 STATISTICS_POLL_S = 0.05
 
@@ -133,10 +127,7 @@ class FluxClient:
         return getattr(self.triton, method)(*args, **kwargs)
 
     def _admin_headers(self) -> dict[str, str] | None:
-        if not self.admin_key:
-            return None
-        prefix = GRPC_HEADER_PREFIX if self.protocol == "grpc" else ""
-        return {prefix + ADMIN_HEADER: self.admin_key}
+        return admin_headers(self.protocol, self.admin_key) if self.admin_key else None
 
     def server_version(self) -> str:
         return self._json("get_server_metadata")["version"]

@@ -32,8 +32,18 @@ OUTPUTS = {
     "STEPS_COMPUTED": ("TYPE_INT32", [1]),
     "INFO": ("TYPE_STRING", [1]),
 }
+# The control API: with FLUXSERVE_ADMIN_KEY set, load/unload and the other admin endpoints need this header
+# (Triton reads a gRPC client's header with a protocol prefix). Here, torch-free, for the client.
+ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
+ADMIN_HEADER = "admin-key"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 SIZE_MULTIPLE = 16
 SEED_MAX = 2**63 - 1
+
+
+def admin_headers(protocol: str, admin_key: str) -> dict[str, str]:
+    """Request headers that unlock the restricted APIs over `protocol` ('http' or 'grpc')."""
+    return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER: admin_key}
 
 
 class InvalidInput(ValueError):

@@ -129,13 +129,14 @@ def set_cache_steps(transformer, steps: int) -> None:
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
 
 
-def apply_compile(transformer, mode: str, has_cache: bool) -> None:
+def apply_compile(transformer, mode: str) -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
-    cache's skip decision eager), `full` the whole forward as one graph."""
+    cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
+    caches' skip decisions run eagerly, each a graph break."""
     if mode == "regional":
-        transformer.compile_repeated_blocks(fullgraph=not has_cache)
+        transformer.compile_repeated_blocks()
     else:
-        transformer.compile(fullgraph=True)
+        transformer.compile()
 
 
 def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str:
@@ -149,5 +150,5 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
     if stack.cache != "none":
         apply_cache(transformer, stack)
     if stack.compile != "none":
-        apply_compile(transformer, stack.compile, has_cache=stack.cache != "none")
+        apply_compile(transformer, stack.compile)
     return backend

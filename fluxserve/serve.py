@@ -15,14 +15,13 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from .repository import REPOSITORY
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
-ADMIN_HEADER = "admin-key"
 # Endpoints that change or expose the server's state: only with the admin header when a key is set.
 RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -97,12 +96,6 @@ def server_command(
             f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
         ]
     return [*command, *extra]
-
-
-def admin_headers(protocol: str, admin_key: str) -> dict[str, str]:
-    """Request headers that unlock the restricted APIs; Triton expects gRPC's with a protocol prefix."""
-    prefix = "triton-grpc-protocol-" if protocol == "grpc" else ""
-    return {prefix + ADMIN_HEADER: admin_key}
 
 
 def check_admin_exposure(address: str, admin_key: str | None, open_admin_api: bool) -> None:

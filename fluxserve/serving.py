@@ -111,6 +111,7 @@ class StackService:
             "stack": self.stack.name,
             "weights": str(self.weights),
             "device": str(self.pipeline.device),
+            "device_name": self.pipeline.device_name,
             "attention_backend": self.pipeline.attention_backend,
             "attention_kernel": self.pipeline.attention_kernel,
             "seed": request.seed,

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import (
     FBCACHE_ALWAYS_SKIPS, OOM_PROMPT, QUEUE_OF_FOUR, ROOT, make_inputs, start_server,
 )
-from fluxserve.serve import admin_headers
+from fluxserve.contract import admin_headers
 from test_serving import infer, info_of, output
 
 ADMIN_KEY = "test-admin-key"
