@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from conftest import COMPILED_STACK, FBCACHE_ALWAYS_SKIPS, FBCACHE_NEVER_SKIPS, make_inputs
+from conftest import COMPILED_STACK, FBCACHE_ALWAYS_SKIPS, FBCACHE_NEVER_SKIPS, TEACACHE_NEVER_SKIPS, make_inputs
 
 ALL_OUTPUTS = ("IMAGE", "IMAGE_PNG", "STEPS_COMPUTED", "INFO")
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
@@ -87,9 +87,10 @@ def test_same_seed_gives_identical_bytes(server, protocol):
     assert not np.array_equal(output(first, "IMAGE"), output(other, "IMAGE"))
 
 
-def test_fbcache_threshold_zero_computes_every_step_and_matches_no_cache(server):
+@pytest.mark.parametrize("stack", [FBCACHE_NEVER_SKIPS, TEACACHE_NEVER_SKIPS], ids=lambda stack: stack.cache)
+def test_cache_threshold_zero_computes_every_step_and_matches_no_cache(server, stack):
     plain = infer(server, "bf16", SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
-    cached = infer(server, FBCACHE_NEVER_SKIPS.name, SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
+    cached = infer(server, stack.name, SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
     assert output(cached, "STEPS_COMPUTED")[0] == 6
     assert np.array_equal(output(plain, "IMAGE"), output(cached, "IMAGE"))
 

@@ -171,13 +171,6 @@ def test_magcache_follows_the_request_step_count():
 # --- through the server ------------------------------------------------------------------------------------
 
 
-def test_server_threshold_zero_matches_no_cache(server):
-    plain = infer(server, "bf16", SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
-    cached = infer(server, TEACACHE_NEVER_SKIPS.name, SEED=5, STEPS=6, HEIGHT=64, WIDTH=64)
-    assert output(cached, "STEPS_COMPUTED")[0] == 6
-    assert np.array_equal(output(plain, "IMAGE"), output(cached, "IMAGE"))
-
-
 def test_server_large_threshold_computes_first_and_last_steps_request_after_request(server):
     for seed in (5, 6):
         result = infer(server, TEACACHE_ALWAYS_SKIPS.name, SEED=seed, STEPS=6, HEIGHT=64, WIDTH=64)
