@@ -118,7 +118,11 @@ class FluxClient:
             self.triton = grpcclient.InferenceServerClient(self.url)
 
     def close(self) -> None:
+        """Close once. tritonclient's gRPC client closes its channel again when it is collected; under gevent
+        (Locust) that second close unbalances grpc's count of gevent channels and hangs the process at exit."""
         self.triton.close()
+        if self.protocol == "grpc":
+            self.triton.close = lambda: None  # what its __del__ calls
 
     def _json(self, method: str, *args, **kwargs):
         """Call a tritonclient method; gRPC answers as JSON too (its int64 fields arrive as strings)."""
