@@ -103,6 +103,7 @@ class Row:
     load_s: float
     queue_s: float | None  # Triton's mean queue time per request (server rows)
     compute_s: float | None  # Triton's mean compute time per request (server rows)
+    denoise_s: float | None  # mean time of the denoising loop alone (INFO.timings_ms), to split model from overhead
     peak_memory_gib: float | None
     psnr_db: float | None  # reference image vs the baseline's: numerical deviation, not quality
     image: str
@@ -125,7 +126,8 @@ class Row:
 
     @classmethod
     def from_csv(cls, record: dict[str, str]) -> Row:
-        values = {f.name: _parse(record[f.name], f.type) for f in cls.columns()}
+        # .get: a column added since an older results.csv was written reads as empty (None).
+        values = {f.name: _parse(record.get(f.name, ""), f.type) for f in cls.columns()}
         config = Config(**{f.name: values.pop(f.name) for f in dataclasses.fields(Config)})
         return cls(config=config, **values)
 
@@ -337,7 +339,8 @@ def in_process_generate(pipeline, weights: str) -> Generate:
         generation = pipeline.generate(GenerationRequest(**dataclasses.asdict(request)))
         latency = time.perf_counter() - started
         info = {"steps_total": request.steps, "device": str(pipeline.device), "weights": weights,
-                "attention_kernel": pipeline.attention_kernel, "peak_memory_gib": pipeline.peak_memory_gib()}
+                "attention_kernel": pipeline.attention_kernel, "peak_memory_gib": pipeline.peak_memory_gib(),
+                "timings_ms": generation.timings_ms}
         png = encode_png(generation.image) if "IMAGE_PNG" in outputs else None
         return GenerateResult(generation.steps_computed, info, latency, png, generation.image)
 
@@ -417,6 +420,7 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
         min_s=latency.min, p50_s=latency.p50, p90_s=latency.p90, p99_s=latency.p99,
         steps_computed=float(np.mean([result.steps_computed for result in results])),
         load_s=measurement.load_s, queue_s=measurement.queue_s, compute_s=measurement.compute_s,
+        denoise_s=float(np.mean([result.info["timings_ms"]["denoise"] for result in results])) / 1000,
         peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
         image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
         attention_kernel=info["attention_kernel"],
@@ -440,7 +444,7 @@ def table(rows: list[Row], baseline: str) -> str:
     base = next((row for row in rows if row.name == baseline), None)
     header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
               "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Triton queue (s)",
-              "Triton compute (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}", f"PSNR vs {baseline} (dB)"]
+              "Triton compute (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}", f"PSNR vs {baseline} (dB)"]
     cells = []
     for row in rows:
         speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
@@ -449,7 +453,7 @@ def table(rows: list[Row], baseline: str) -> str:
             row.name, SEED_ROWS.get(row.name.removesuffix(DIRECT_SUFFIX), ""),
             *(_seconds(v) for v in (row.average_s, row.min_s, row.p50_s, row.p90_s, row.p99_s)),
             f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}", _seconds(row.queue_s),
-            _seconds(row.compute_s), memory, speedup, _psnr_cell(row.psnr_db),
+            _seconds(row.compute_s), _seconds(row.denoise_s), memory, speedup, _psnr_cell(row.psnr_db),
         ])
     return markdown_table(header, cells)
 

@@ -69,6 +69,7 @@ def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run)
         assert float(row["min_s"]) <= float(row["average_s"]) <= float(row["p99_s"])
         assert 1 <= float(row["steps_computed"]) <= 2 and float(row["load_s"]) > 0
         assert row["device"] == "cpu" and row["weights"] == "synthetic:tiny" and row["peak_memory_gib"] == ""
+        assert 0 < float(row["denoise_s"]) < float(row["average_s"])  # the loop alone, inside the latency
     for row in rows[:3]:  # through the server: Triton's own statistics
         assert row["mode"] == "server"
         assert 0 <= float(row["queue_s"]) and 0 < float(row["compute_s"]) <= float(row["average_s"])
@@ -97,6 +98,7 @@ def test_markdown_table_agrees_with_the_csv(first_run):
             assert float(line[column]) == pytest.approx(float(row[key]), abs=0.0051), (column, row["name"])
         assert line["Steps computed"] == f"{float(row['steps_computed']):.1f}/2"
         assert float(line["Load (s)"]) == pytest.approx(float(row["load_s"]), abs=0.051)
+        assert float(line["Denoise (s)"]) == pytest.approx(float(row["denoise_s"]), abs=0.0051)
         speedup = float(line["Speed-up vs bf16"].removesuffix("x"))
         assert speedup == pytest.approx(baseline_p50 / float(row["p50_s"]), abs=0.0051)
         psnr, expected = line["PSNR vs bf16 (dB)"], float(row["psnr_db"])
