@@ -41,6 +41,12 @@ def weights_from(parameters: dict[str, str]):
     return default_source()
 
 
+def warm_up_request(guidance: float, height: int, width: int) -> GenerationRequest:
+    """The generation a stack runs at load: the size compiled stacks are tuned for, a couple of steps."""
+    return GenerationRequest(prompt="warm-up", seed=0, steps=WARMUP_STEPS, guidance=guidance, height=height,
+                             width=width)
+
+
 def encode_png(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -81,10 +87,7 @@ class StackService:
         if self.weights.kind == "synthetic":
             notify(f"*** {model_name}: serving RANDOM weights ({self.weights}): {why}. Images are noise. ***")
         size = int(os.environ.get(WARMUP_SIZE_ENV, self.limits.default_size))
-        warm_up = GenerationRequest(
-            prompt="warm-up", seed=0, steps=WARMUP_STEPS, guidance=self.limits.default_guidance,
-            height=size, width=size,
-        )
+        warm_up = warm_up_request(self.limits.default_guidance, size, size)
         started = time.perf_counter()
         self.pipeline = build_pipeline(self.stack, self.weights, device, warm_up)
         self.load_seconds = time.perf_counter() - started

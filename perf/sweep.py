@@ -353,20 +353,17 @@ def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[
     The pipeline is dropped on return; `release_memory` then gives its GPU memory back."""
     import torch
 
-    from fluxserve.contract import GenerationRequest
     from fluxserve.pipeline import build_pipeline
-    from fluxserve.serving import WARMUP_STEPS
+    from fluxserve.serving import warm_up_request
     from fluxserve.weights import parse_source
 
     stack = catalog_by_name().get(stack_name)
     if stack is None:
         raise ValueError(f"--direct takes catalog stacks; {stack_name!r} is not one")
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     progress(label, f"building in-process on {device} (weights {weights})")
     started = time.perf_counter()
-    warm = GenerationRequest("warm-up", 0, WARMUP_STEPS, config.guidance, config.height, config.width)
+    warm = warm_up_request(config.guidance, config.height, config.width)
     pipeline = build_pipeline(stack, parse_source(weights), device, warm)
     load_s = time.perf_counter() - started
     progress(label, f"built in {load_s:.1f} s")
