@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from fluxserve.contract import ADMIN_KEY_ENV, INPUTS, Limits, admin_headers
 
-__all__ = ["FluxClient", "GenerateRequest", "GenerateResult", "InferenceServerException", "ModelState"]
+__all__ = ["FluxClient", "GenerateRequest", "GenerateResult", "InferenceServerException", "ModelState", "input_arrays"]
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
@@ -96,6 +96,14 @@ def _as_array(value: object, datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         return np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
     return np.array([value], dtype=triton_to_np_dtype(datatype))
+
+
+def input_arrays(request: GenerateRequest) -> dict[str, np.ndarray]:
+    """The request as the contract's input arrays (shape [1]), as the model receives them."""
+    arrays = {}
+    for name, value in request.values().items():
+        arrays[name] = _as_array(value, wire_datatype(INPUTS[name][0]))
+    return arrays
 
 
 @dataclass
@@ -194,10 +202,9 @@ class FluxClient:
         """The request as contract inputs, shaped for the model's config ([1], or [1, 1] when batched)."""
         shape = [1, 1] if self.batched(model) else [1]
         tensors = []
-        for name, value in request.values().items():
-            datatype = wire_datatype(INPUTS[name][0])
-            tensor = self.module.InferInput(name, shape, datatype)
-            tensor.set_data_from_numpy(_as_array(value, datatype).reshape(shape))
+        for name, array in input_arrays(request).items():
+            tensor = self.module.InferInput(name, shape, wire_datatype(INPUTS[name][0]))
+            tensor.set_data_from_numpy(array.reshape(shape))
             tensors.append(tensor)
         return tensors
 

@@ -3,10 +3,11 @@
 #
 #   bash perf/gpu_sweep.sh PLAN OUTPUT [perf.sweep args...]
 #
-# PLAN: one line per GPU, each "stacks=a,b,c" plus optional "direct=x,y" and "reload=a,b" (stacks whose second
-# load, with torch.compile's cache warm, is timed after the sweep). Every shard measures the baseline (bf16)
-# first, so speed-ups are ratios within one GPU. Results go to OUTPUT/gpu<i>/ (perf.sweep's files), logs to
-# OUTPUT/logs/. On the offline GPU host, source build/use_gpu_bundle.sh first. SWEEP_DEADLINE_S bounds each sweep.
+# PLAN: one line per GPU, each "stacks=a,b,c" plus optional "direct=x,y" (also measured in-process, each right
+# after its served run) and "reload=a,b" (stacks whose second load, torch.compile's caches warm, is timed).
+# Every shard measures the baseline (bf16) first, so speed-ups are ratios within one GPU. Results go to
+# OUTPUT/gpu<i>/ (perf.sweep's files), logs to OUTPUT/logs/. On the offline GPU host, source
+# build/use_gpu_bundle.sh first. SWEEP_DEADLINE_S bounds each sweep.
 set -uo pipefail
 plan=$1 out=$2
 shift 2
@@ -28,24 +29,12 @@ shard() {  # shard GPU LINE [sweep args]
         --metrics-port $((port + 2)) > "$log-server.log" 2>&1 &
     local server=$!
     for _ in $(seq 120); do curl -sf "http://$url/v2/health/ready" >/dev/null && break; sleep 1; done
-    local direct
-    direct=$(field direct "$line")
+    local direct reload
+    direct=$(field direct "$line") reload=$(field reload "$line")
     timeout "$deadline" python3 -m perf.sweep --url "$url" --models "$(field stacks "$line")" \
-        ${direct:+--direct "$direct"} --output "$out/gpu$gpu" "$@" > "$log-sweep.log" 2>&1
+        ${direct:+--direct "$direct"} ${reload:+--reload "$reload"} --output "$out/gpu$gpu" "$@" \
+        > "$log-sweep.log" 2>&1
     echo "sweep exit $?" >> "$log-sweep.log"
-    for stack in $(field reload "$line" | tr , ' '); do  # second load: torch.compile's cache is warm now
-        python3 - "$url" "$stack" "$out/gpu$gpu/second_load.csv" <<'PYTHON' >> "$log-sweep.log" 2>&1
-import sys
-from client import FluxClient
-url, stack, path = sys.argv[1:]
-client = FluxClient(url, "http")
-seconds = client.load(stack)
-client.unload(stack)
-with open(path, "a") as csv:
-    csv.write(f"{stack},{seconds:.1f}\n")
-print(f"second load of {stack}: {seconds:.1f} s")
-PYTHON
-    done
     kill -TERM "$server"; wait "$server"
 }
 

@@ -2,8 +2,10 @@
 
 For each stack in turn: load it (explicit model control), record the load time, warm up (the first warm-up
 request is the fixed-seed reference image), send N requests at concurrency C, record client latency, Triton's
-queue and compute time (statistics API), peak GPU memory and steps computed from INFO, then unload it.
-Optionally also measure stacks in-process without the server (`--direct`), as rows named `<stack> (direct)`.
+queue and compute time (statistics API), the model's own time, peak GPU memory and steps computed from INFO,
+then unload it; with `--reload`, load it once more and record that second load's time (torch.compile's caches
+warm). Optionally also measure stacks in-process without the server (`--direct`), as rows named
+`<stack> (direct)`: the model's own request handler without Triton, right after the same stack's served run.
 
 Writes under the results folder (default perf/results/<gpu-slug>/, `cpu` without a GPU):
   results.csv       one row per measured stack and configuration, appended as soon as the stack is measured
@@ -46,6 +48,7 @@ import numpy as np
 
 from client import (
     DEFAULT_URLS, LIMITS, PROTOCOLS, FluxClient, GenerateRequest, GenerateResult, InferenceServerException,
+    input_arrays,
 )
 from fluxserve.stacks import CATALOG, catalog_by_name
 from fluxserve.serve import resolve_weights
@@ -101,8 +104,10 @@ class Row:
     p99_s: float
     steps_computed: float  # mean over the measured requests
     load_s: float
+    second_load_s: float | None  # a second load right after the first (--reload): torch.compile's caches warm
     queue_s: float | None  # Triton's mean queue time per request (server rows)
     compute_s: float | None  # Triton's mean compute time per request (server rows)
+    model_s: float | None  # mean time in the model's request handler (INFO.latency_ms); the rest is serving
     denoise_s: float | None  # mean time of the denoising loop alone (INFO.timings_ms), to split model from overhead
     peak_memory_gib: float | None
     psnr_db: float | None  # reference image vs the baseline's: numerical deviation, not quality
@@ -208,10 +213,20 @@ def read_rows(path: Path) -> list[Row]:
 
 
 def append_row(path: Path, row: Row) -> None:
-    """Write one stack's row at once, so an interrupted sweep keeps what it measured."""
+    """Write one stack's row at once, so an interrupted sweep keeps what it measured. A results.csv written
+    with other columns (an older version) is rewritten with the current ones first."""
+    columns = [f.name for f in Row.columns()]
+    if path.exists():
+        with path.open(newline="") as file:
+            header = next(csv.reader(file), [])
+        if header != columns:
+            rows = read_rows(path)
+            path.unlink()
+            for old in rows:
+                append_row(path, old)
     new = not path.exists()
     with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[f.name for f in Row.columns()])
+        writer = csv.DictWriter(file, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerow(row.to_csv())
@@ -286,6 +301,7 @@ class Measurement:
     results: list[GenerateResult]
     queue_s: float | None = None
     compute_s: float | None = None
+    second_load_s: float | None = None
 
 
 def per_thread_generate(url: str, protocol: str, model: str) -> Generate:
@@ -306,8 +322,8 @@ def per_request_s(nanoseconds: int, count: int) -> float | None:
 
 
 def measure_on_server(client: FluxClient, model: str, config: Config, prompts: list[str], warmup: int,
-                      label: str) -> Measurement:
-    """Load, warm up, measure and unload one stack on the server."""
+                      label: str, reload: bool = False) -> Measurement:
+    """Load, warm up, measure and unload one stack on the server; with `reload`, then time a second load."""
     if any(m.name == model and m.state == "READY" for m in client.models()):
         progress(label, "already loaded: unloading first, so that the load time is real")
         client.unload(model)
@@ -324,38 +340,41 @@ def measure_on_server(client: FluxClient, model: str, config: Config, prompts: l
     finally:
         progress(label, "unloading")
         client.unload(model)
+    second_load_s = None
+    if reload:
+        progress(label, "loading again (second load, compile caches warm)")
+        second_load_s = client.load(model)
+        progress(label, f"second load in {second_load_s:.1f} s; unloading")
+        client.unload(model)
     return Measurement(load_s, reference, results, per_request_s(served.queue_ns, served.success),
-                       per_request_s(served.compute_ns, served.success))
+                       per_request_s(served.compute_ns, served.success), second_load_s)
 
 
-def in_process_generate(pipeline, weights: str) -> Generate:
-    """A generate function over a StackPipeline, timed like the server's requests minus the server: the
-    latency is `StackPipeline.generate` alone; the PNG is encoded afterwards when asked for."""
-    from fluxserve.contract import GenerationRequest
-    from fluxserve.serving import encode_png
+def in_process_generate(service) -> Generate:
+    """A generate function over the model's own request handler (`StackService.infer`: validation,
+    generation, PNG, telemetry), without Triton: the latency is that call alone."""
 
     def generate(request: GenerateRequest, outputs: tuple) -> GenerateResult:
         started = time.perf_counter()
-        generation = pipeline.generate(GenerationRequest(**dataclasses.asdict(request)))
+        arrays = service.infer(input_arrays(request), {*outputs, "STEPS_COMPUTED", "INFO"})
         latency = time.perf_counter() - started
-        info = {"steps_total": request.steps, "device": str(pipeline.device), "weights": weights,
-                "attention_kernel": pipeline.attention_kernel, "peak_memory_gib": pipeline.peak_memory_gib(),
-                "timings_ms": generation.timings_ms}
-        png = encode_png(generation.image) if "IMAGE_PNG" in outputs else None
-        return GenerateResult(generation.steps_computed, info, latency, png, generation.image)
+
+        def scalar(name: str):
+            return arrays[name].reshape(-1)[0] if name in arrays else None
+
+        return GenerateResult(int(scalar("STEPS_COMPUTED")), json.loads(scalar("INFO")), latency,
+                              scalar("IMAGE_PNG"), arrays.get("IMAGE"))
 
     return generate
 
 
 def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[str], warmup: int,
                    label: str) -> Measurement:
-    """Build the stack in this process (no server) and measure it with the same requests, one at a time.
-    The pipeline is dropped on return; `release_memory` then gives its GPU memory back."""
+    """Build the stack in this process as the server's model does (no server) and measure it with the same
+    requests, one at a time. The model is dropped on return; `release_memory` then gives its GPU memory back."""
     import torch
 
-    from fluxserve.pipeline import build_pipeline
-    from fluxserve.serving import warm_up_request
-    from fluxserve.weights import parse_source
+    from fluxserve.serving import StackService
 
     stack = catalog_by_name().get(stack_name)
     if stack is None:
@@ -363,11 +382,11 @@ def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     progress(label, f"building in-process on {device} (weights {weights})")
     started = time.perf_counter()
-    warm = warm_up_request(config.guidance, config.height, config.width)
-    pipeline = build_pipeline(stack, parse_source(weights), device, warm)
+    service = StackService(stack_name, {**stack.to_parameters(), "weights": weights}, device,
+                           notify=lambda message: progress(label, message))
     load_s = time.perf_counter() - started
     progress(label, f"built in {load_s:.1f} s")
-    generate = in_process_generate(pipeline, weights)
+    generate = in_process_generate(service)
     reference = warm_up(generate, config, prompts, warmup, label)
     return Measurement(load_s, reference, run_requests(generate, measured_requests(config, prompts), 1, label))
 
@@ -416,7 +435,8 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
         name=name, mode=mode, config=config, count=latency.count, average_s=latency.average,
         min_s=latency.min, p50_s=latency.p50, p90_s=latency.p90, p99_s=latency.p99,
         steps_computed=float(np.mean([result.steps_computed for result in results])),
-        load_s=measurement.load_s, queue_s=measurement.queue_s, compute_s=measurement.compute_s,
+        load_s=measurement.load_s, second_load_s=measurement.second_load_s, queue_s=measurement.queue_s,
+        compute_s=measurement.compute_s, model_s=float(np.mean([result.info["latency_ms"] for result in results])) / 1000,
         denoise_s=float(np.mean([result.info["timings_ms"]["denoise"] for result in results])) / 1000,
         peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
         image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
@@ -440,8 +460,9 @@ def table(rows: list[Row], baseline: str) -> str:
     """The seed's table (Average, Min, P50, P90, P99 seconds) plus this project's columns."""
     base = next((row for row in rows if row.name == baseline), None)
     header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
-              "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Triton queue (s)",
-              "Triton compute (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}", f"PSNR vs {baseline} (dB)"]
+              "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Second load (s)", "Triton queue (s)",
+              "Triton compute (s)", "In model (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}",
+              f"PSNR vs {baseline} (dB)"]
     cells = []
     for row in rows:
         speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
@@ -449,8 +470,10 @@ def table(rows: list[Row], baseline: str) -> str:
         cells.append([
             row.name, SEED_ROWS.get(row.name.removesuffix(DIRECT_SUFFIX), ""),
             *(_seconds(v) for v in (row.average_s, row.min_s, row.p50_s, row.p90_s, row.p99_s)),
-            f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}", _seconds(row.queue_s),
-            _seconds(row.compute_s), _seconds(row.denoise_s), memory, speedup, _psnr_cell(row.psnr_db),
+            f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}",
+            "" if row.second_load_s is None else f"{row.second_load_s:.1f}", _seconds(row.queue_s),
+            _seconds(row.compute_s), _seconds(row.model_s), _seconds(row.denoise_s), memory, speedup,
+            _psnr_cell(row.psnr_db),
         ])
     return markdown_table(header, cells)
 
@@ -468,7 +491,10 @@ def markdown(rows: list[Row], config: Config, baseline: str, run: dict) -> str:
         + f"\nLatency is client-side, per request, in seconds. Speed-up: {baseline}'s P50 / the row's P50. "
         f"PSNR: the fixed-seed reference image against {baseline}'s (images/), a measure of numerical "
         "deviation, not of quality (inf: identical). Triton queue and compute: the server's own mean per "
-        f"request. Rows named `<stack>{DIRECT_SUFFIX}` ran in-process without the server, one request at a time."
+        "request. In model: the model's request handler (validation, generation, PNG), so P50 minus it is "
+        "the serving overhead; Denoise: the denoising loop within it. Second load: loading the stack again "
+        f"right after, compile caches warm. Rows named `<stack>{DIRECT_SUFFIX}` ran the same handler "
+        "in-process without the server, one request at a time."
         "\n\n![latency per stack](latency.png)\n"
     )
 
@@ -518,6 +544,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(stack.name for stack in CATALOG),
                         help="comma-separated stacks to measure through the server (default: the whole catalog)")
     parser.add_argument("--direct", default="", help="comma-separated catalog stacks to measure in-process too")
+    parser.add_argument("--reload", default="",
+                        help="comma-separated stacks whose second load to time, right after measuring them")
     parser.add_argument("--weights", default=os.environ.get(ENV_VAR),
                         help=f"weights source for --direct (default: ${ENV_VAR}, else the launcher's default)")
     parser.add_argument("--baseline", default="bf16", help="stack the speed-up and PSNR compare with (default bf16)")
@@ -557,8 +585,11 @@ def run_jobs(
 ) -> list[str]:
     """Measure each stack not yet in results.csv for this configuration, writing its row at once; returns the
     names of the stacks that failed."""
-    jobs = [(model, "server") for model in baseline_first(names(args.models), args.baseline)]
-    jobs += [(stack, "direct") for stack in baseline_first(names(args.direct), args.baseline)]
+    served, direct = baseline_first(names(args.models), args.baseline), names(args.direct)
+    jobs = []
+    for model in served:  # a stack's direct run right after its served one, so one deadline cannot split them
+        jobs += [(model, "server")] + ([(model, "direct")] if model in direct else [])
+    jobs += [(stack, "direct") for stack in baseline_first(direct, args.baseline) if stack not in served]
     done = {(row.name, row.config) for row in read_rows(folder / "results.csv")}
     weights = resolve_weights(args.weights) if args.direct else None
     print(f"sweep: {len(jobs)} stack(s); {config.describe()}; results in {folder}", flush=True)
@@ -571,7 +602,7 @@ def run_jobs(
             continue
         if mode == "server":
             measurement = reporting_failure(label, measure_on_server, client, model, config, prompts, args.warmup,
-                                            label)
+                                            label, model in names(args.reload))
         else:
             measurement = reporting_failure(label, measure_direct, model, weights, config, prompts, args.warmup,
                                             label)

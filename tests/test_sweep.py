@@ -1,4 +1,5 @@
-"""`python -m perf.sweep` over three stacks (plus one in-process) on the real server, then a resumed rerun."""
+"""`python -m perf.sweep` over three stacks (plus one in-process, one loaded twice) on the real server, then a
+resumed rerun."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from PIL import Image
 from conftest import ROOT, start_server
 
 MODELS = ["fp16", "bf16", "bf16-fbcache-0.3"]  # the baseline (bf16) is not first: the sweep measures it first
-EXPECTED_ORDER = ["bf16", "fp16", "bf16-fbcache-0.3", "bf16 (direct)"]
+EXPECTED_ORDER = ["bf16", "bf16 (direct)", "fp16", "bf16-fbcache-0.3"]  # a direct run right after its served one
+SERVED = [0, 2, 3]
 REQUESTS = 3
 SWEEP_TIMEOUT_S = 600
 TIME_COLUMNS = {"Average Time (s)": "average_s", "Min Time (s)": "min_s", "P50 Time (s)": "p50_s",
@@ -42,7 +44,7 @@ def sweep(server, output, models: list[str], *extra: str) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def first_run(server, tmp_path_factory):
     output = tmp_path_factory.mktemp("results")
-    done = sweep(server, output, MODELS, "--direct", "bf16")
+    done = sweep(server, output, MODELS, "--direct", "bf16", "--reload", "fp16")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return output, done.stdout
 
@@ -69,13 +71,17 @@ def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run)
         assert float(row["min_s"]) <= float(row["average_s"]) <= float(row["p99_s"])
         assert 1 <= float(row["steps_computed"]) <= 2 and float(row["load_s"]) > 0
         assert row["device"] == "cpu" and row["weights"] == "synthetic:tiny" and row["peak_memory_gib"] == ""
-        assert 0 < float(row["denoise_s"]) < float(row["average_s"])  # the loop alone, inside the latency
-    for row in rows[:3]:  # through the server: Triton's own statistics
+        # the loop, inside the model's handler, inside the request's latency
+        assert 0 < float(row["denoise_s"]) < float(row["model_s"]) < float(row["average_s"])
+    for index in SERVED:  # through the server: Triton's own statistics
+        row = rows[index]
         assert row["mode"] == "server"
         assert 0 <= float(row["queue_s"]) and 0 < float(row["compute_s"]) <= float(row["average_s"])
-    assert rows[3]["mode"] == "direct" and rows[3]["queue_s"] == ""
+    assert rows[1]["mode"] == "direct" and rows[1]["queue_s"] == ""
+    assert [row["second_load_s"] != "" for row in rows] == [False, False, True, False]  # --reload fp16
+    assert float(rows[2]["second_load_s"]) > 0 and "second load in" in stdout
     assert "[1/4] bf16: loaded in" in stdout and f"request {REQUESTS}/{REQUESTS}" in stdout
-    assert "[4/4] bf16 (direct): built in" in stdout
+    assert "[2/4] bf16 (direct): built in" in stdout
 
 
 def test_psnr_is_against_the_baseline_image(first_run):
@@ -99,11 +105,15 @@ def test_markdown_table_agrees_with_the_csv(first_run):
         assert line["Steps computed"] == f"{float(row['steps_computed']):.1f}/2"
         assert float(line["Load (s)"]) == pytest.approx(float(row["load_s"]), abs=0.051)
         assert float(line["Denoise (s)"]) == pytest.approx(float(row["denoise_s"]), abs=0.0051)
+        assert float(line["In model (s)"]) == pytest.approx(float(row["model_s"]), abs=0.0051)
+        second = line["Second load (s)"]
+        assert second == "" if not row["second_load_s"] else float(second) == pytest.approx(
+            float(row["second_load_s"]), abs=0.051)
         speedup = float(line["Speed-up vs bf16"].removesuffix("x"))
         assert speedup == pytest.approx(baseline_p50 / float(row["p50_s"]), abs=0.0051)
         psnr, expected = line["PSNR vs bf16 (dB)"], float(row["psnr_db"])
         assert psnr == "inf" if math.isinf(expected) else float(psnr) == pytest.approx(expected, abs=0.051)
-    assert table[1]["Seed row"] == "Baseline (FP16)" and table[0]["Speed-up vs bf16"] == "1.00x"
+    assert table[2]["Seed row"] == "Baseline (FP16)" and table[0]["Speed-up vs bf16"] == "1.00x"
 
 
 def test_chart_plots_the_csv_numbers(first_run):
@@ -119,7 +129,7 @@ def test_chart_plots_the_csv_numbers(first_run):
 def test_environment_records_command_and_versions(first_run):
     output, _ = first_run
     (run,) = json.loads((output / "environment.json").read_text())["runs"]
-    assert run["command"].startswith("python -m perf.sweep --url") and "--direct bf16" in run["command"]
+    assert run["command"].startswith("python -m perf.sweep --url") and "--direct bf16 --reload fp16" in run["command"]
     assert run["triton_server"] and run["gpu"] is None
     assert all(run["versions"][package] for package in ("torch", "diffusers", "torchao", "tritonclient"))
     assert run["command"] in (output / "results.md").read_text()
@@ -146,3 +156,20 @@ def test_results_folder_is_named_for_the_gpu(name, slug):
     from perf.sweep import gpu_slug
 
     assert gpu_slug(name) == slug
+
+
+def test_results_csv_of_an_older_version_gains_the_new_columns(first_run, tmp_path):
+    from perf.sweep import append_row, read_rows
+
+    output, _ = first_run
+    rows = csv_rows(output)
+    old_columns = [name for name in rows[0] if name not in ("second_load_s", "model_s")]
+    with open(tmp_path / "results.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[:2])
+    append_row(tmp_path / "results.csv", read_rows(output / "results.csv")[2])
+    merged = read_rows(tmp_path / "results.csv")
+    assert [row.name for row in merged] == EXPECTED_ORDER[:3]
+    assert merged[0].model_s is None and merged[0].p50_s == float(rows[0]["p50_s"])
+    assert merged[2].second_load_s == float(rows[2]["second_load_s"])
