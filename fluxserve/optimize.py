@@ -7,6 +7,7 @@ import importlib.util
 
 import torch
 
+from .cuda_graph import apply_cuda_graph
 from .stacks import Stack
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,6 +22,8 @@ def check_supported(stack: Stack, device: torch.device) -> None:
     """Fail before loading any weights when the stack cannot run on `device`."""
     if stack.attention == "cudnn" and device.type != "cuda":
         raise StackUnsupported(f"stack {stack.name}: cuDNN attention needs a CUDA GPU, this instance runs on {device}")
+    if stack.cuda_graph and device.type != "cuda":
+        raise StackUnsupported(f"stack {stack.name}: CUDA graphs need a CUDA GPU, this instance runs on {device}")
     if stack.quantization == "fp8":
         if device.type != "cuda":
             raise StackUnsupported(f"stack {stack.name}: fp8 needs a CUDA GPU of compute capability 8.9+, not {device}")
@@ -132,7 +135,12 @@ def set_cache_steps(transformer, steps: int) -> None:
 def apply_compile(transformer, mode: str) -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
     cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
-    caches' skip decisions run eagerly, each a graph break."""
+    caches' skip decisions run eagerly, each a graph break.
+
+    Compiled code is guarded on module hooks too (torch skips those guards by default): regional compilation
+    reuses one block's code for every block of its class, so without them the step counter's hook on the last
+    block never ran once another block's code served it (0 steps counted on the full-size model)."""
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if mode == "regional":
         transformer.compile_repeated_blocks()
     else:
@@ -151,4 +159,6 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
         apply_cache(transformer, stack)
     if stack.compile != "none":
         apply_compile(transformer, stack.compile)
+    if stack.cuda_graph:
+        apply_cuda_graph(transformer)
     return backend

@@ -13,6 +13,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .contract import GenerationRequest
+from .cuda_graph import eager_forward
 from .optimize import TORCH_DTYPES, check_supported, optimize_transformer, set_cache_steps
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
@@ -36,12 +37,14 @@ class StepCounter:
 
     The pre-hook sits on a module inside the last single block: a hook on the block itself still fires when
     a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
-    torch.compile's graphs (one graph break in the last block): a count traced into the graph as a tensor
-    mutation read 0 on the GPU for the fp8 compiled stack (torch 2.11)."""
+    torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
+    cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
+    graph (a hook inside would run only while the graph is captured)."""
 
-    def __init__(self, transformer) -> None:
+    def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
-        transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(self._increment)
+        module = transformer if whole_forward else transformer.single_transformer_blocks[-1].norm
+        module.register_forward_pre_hook(self._increment)
 
     @torch.compiler.disable
     def _increment(self, module, args) -> None:
@@ -74,7 +77,7 @@ class StackPipeline:
         self.attention_backend = attention_backend
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.attention_kernel = "unknown (not warmed up)"
-        self.steps = StepCounter(pipe.transformer)
+        self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -187,7 +190,7 @@ class StackPipeline:
         from torch.profiler import ProfilerActivity, profile
 
         embeddings = self._encode(request.prompt)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with eager_forward(self.pipe.transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
             self._denoise(embeddings, dataclasses.replace(request, steps=1), should_stop=None)
         self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
 

@@ -38,6 +38,7 @@ class Stack:
     quantization: str = "none"
     fuse_qkv: bool = False
     compile: str = "none"
+    cuda_graph: bool = False
     seed_row: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,14 @@ class Stack:
                 "compile 'full' cannot be combined with a step cache: the cache's skip decision breaks the "
                 "full graph; use compile 'regional'"
             )
+        if self.cuda_graph and self.compile == "full":
+            raise StackError("cuda_graph captures the compiled blocks of compile 'regional'; with compile 'full' "
+                             "use torch.compile's own CUDA graphs instead")
+        if self.cuda_graph and self.cache != "none":
+            raise StackError(
+                "cuda_graph cannot be combined with a step cache: the cache decides on the host, per step, "
+                "whether to run the blocks, and a CUDA graph replays fixed work"
+            )
 
     @property
     def name(self) -> str:
@@ -80,6 +89,8 @@ class Stack:
             parts.append("fusedqkv")
         if self.compile != "none":
             parts.append(f"compile-{self.compile}")
+        if self.cuda_graph:
+            parts.append("cudagraph")
         return "-".join(parts)
 
     @property
@@ -96,6 +107,8 @@ class Stack:
             parts.append("fused QKV projections")
         if self.compile != "none":
             parts.append(f"torch.compile ({self.compile})")
+        if self.cuda_graph:
+            parts.append("CUDA graph per step")
         return ", ".join(parts)
 
     def to_parameters(self) -> dict[str, str]:
@@ -181,6 +194,10 @@ CATALOG: tuple[Stack, ...] = (
     Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional"),
     Stack(attention="cudnn", cache="fbcache", cache_threshold=0.3, quantization="fp8", fuse_qkv=True,
           compile="regional"),
+    # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
+    Stack(attention="cudnn", cuda_graph=True),
+    Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, cuda_graph=True),
+    Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional", cuda_graph=True),
 )
 
 DEFAULT_STACK = "bf16"

@@ -25,7 +25,7 @@ FULL = {
 }
 TINY = {
     "transformer": dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     ),
