@@ -104,8 +104,9 @@ for name in ("torch", "transformers", "tokenizers", "safetensors", "huggingface_
 grpcio = release("grpcio")
 if grpcio and grpcio < (1, 81, 1):
     warn(f"grpcio {metadata.version('grpcio')}: tritonclient.grpc needs >= 1.81.1 (tritonclient.http does not)")
-# The loader must find every library of the server, backend and stub (libpython from this Python's LIBDIR, as
-# fluxserve.serve sets it), with this host's glibc and libstdc++ (the wheel is manylinux_2_35).
+# The loader must find every library of the server, backend and stub (libpython in this Python's LIBDIR, which
+# fluxserve.serve links alone into a directory of its own), with this host's glibc and libstdc++ (the wheel is
+# manylinux_2_35).
 libraries = os.pathsep.join(filter(None, [str(wheel.parent.parent / "nvidia_pytriton.libs"),
                                           sysconfig.get_config_var("LIBDIR"), os.environ.get("LD_LIBRARY_PATH")]))
 for binary in (wheel / "bin" / "tritonserver", wheel / "backends" / "python" / "libtriton_python.so",

@@ -58,8 +58,30 @@ def _wheel_install() -> TritonInstall:
         target = backend / source.name
         if source.is_file() and (not target.exists() or target.stat().st_mtime < source.stat().st_mtime):
             shutil.copy2(source, target)
-    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), str(libpython_directory(BACKEND_CACHE / version))]
     return TritonInstall(wheel / "bin" / "tritonserver", backend.parent, libraries)
+
+
+def libpython_directory(folder: Path) -> Path:
+    """A directory holding only a link to this Python's shared libpython, which the stub loads.
+
+    Not the interpreter's LIBDIR itself: on Debian and Ubuntu that is /usr/lib/x86_64-linux-gnu, and on
+    LD_LIBRARY_PATH it outranks the RUNPATH through which torch finds its own cuDNN, cuBLAS and NCCL, so a
+    system cuDNN there would silently replace torch's in the model processes."""
+    name = sysconfig.get_config_var("INSTSONAME") or ""
+    library = Path(sysconfig.get_config_var("LIBDIR") or "") / name
+    if not name.startswith("libpython") or not name.endswith((".so", ".so.1.0")) or not library.is_file():
+        raise SystemExit(f"the Python backend stub needs this Python's shared library, {library}: not found "
+                         f"(a Python built with --enable-shared, e.g. the distribution's libpython package)")
+    directory = folder / "lib"
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / name
+    if not link.exists() or link.resolve() != library.resolve():
+        staged = directory / f".{name}.{os.getpid()}"  # renamed into place: launchers may run side by side
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(library)
+        staged.replace(link)
+    return directory
 
 
 def find_triton() -> TritonInstall:

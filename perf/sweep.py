@@ -462,7 +462,7 @@ def table(rows: list[Row], baseline: str) -> str:
     header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
               "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Second load (s)", "Triton queue (s)",
               "Triton compute (s)", "In model (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}",
-              f"PSNR vs {baseline} (dB)"]
+              f"PSNR vs {baseline} (dB)", "Measured (UTC)"]
     cells = []
     for row in rows:
         speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
@@ -473,7 +473,7 @@ def table(rows: list[Row], baseline: str) -> str:
             f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}",
             "" if row.second_load_s is None else f"{row.second_load_s:.1f}", _seconds(row.queue_s),
             _seconds(row.compute_s), _seconds(row.model_s), _seconds(row.denoise_s), memory, speedup,
-            _psnr_cell(row.psnr_db),
+            _psnr_cell(row.psnr_db), row.measured_at.replace("T", " ")[:16],
         ])
     return markdown_table(header, cells)
 

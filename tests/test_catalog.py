@@ -50,6 +50,8 @@ def test_stack_round_trips_through_config_parameters():
         ({"cache": "fbcache", "cache_threshold": math.nan}, ["cache_threshold"]),
         ({"dtype": "fp16", "quantization": "int8"}, ["bf16"]),
         ({"cache": "fbcache", "cache_threshold": 0.2, "compile": "full"}, ["regional"]),
+        ({"cache": "teacache", "cache_threshold": 0.6, "cuda_graph": True}, ["cuda_graph", "step cache"]),
+        ({"compile": "full", "cuda_graph": True}, ["cuda_graph", "regional"]),
     ],
 )
 def test_invalid_stacks_fail_with_a_clear_message(fields, words):
@@ -110,3 +112,12 @@ def test_readme_stack_table_matches_the_catalog():
     from fluxserve.repository import stack_table
 
     assert stack_table() in (ROOT / "README.md").read_text()
+
+
+def test_a_cuda_graph_stack_fails_before_loading_weights_on_cpu():
+    import torch
+
+    from fluxserve.optimize import StackUnsupported, check_supported
+
+    with pytest.raises(StackUnsupported, match="CUDA graphs need a CUDA GPU"):
+        check_supported(Stack(cuda_graph=True), torch.device("cpu"))

@@ -4,6 +4,7 @@ the locked-down control API, graceful shutdown and health. Every test is bounded
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -145,6 +146,25 @@ def test_network_address_without_admin_key_is_refused():
         text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "FLUXSERVE_WEIGHTS": "synthetic:tiny"},
     )
     assert result.returncode != 0 and "FLUXSERVE_ADMIN_KEY" in result.stderr
+
+
+def test_model_processes_find_libpython_without_the_system_library_directory(tmp_path, monkeypatch):
+    # Python's LIBDIR (/usr/lib/x86_64-linux-gnu on Debian and Ubuntu) on LD_LIBRARY_PATH would outrank the
+    # RUNPATH through which torch finds its own cuDNN: the launcher links libpython alone into a directory.
+    import sysconfig
+
+    from fluxserve import serve
+
+    monkeypatch.setattr(serve, "BACKEND_CACHE", tmp_path)
+    install = serve.find_triton()
+    if not install.library_path:
+        pytest.skip("a system tritonserver brings its own libraries")
+    paths = serve.server_environment(install, "synthetic:tiny", base={})["LD_LIBRARY_PATH"].split(":")
+    assert sysconfig.get_config_var("LIBDIR") not in paths
+    (linked,) = [path for path in paths if str(tmp_path) in path]
+    (library,) = os.listdir(linked)
+    assert library == sysconfig.get_config_var("INSTSONAME")
+    assert os.path.samefile(os.path.join(linked, library), os.path.join(sysconfig.get_config_var("LIBDIR"), library))
 
 
 def test_shutdown_during_a_request_completes_it(tmp_path, test_repository):

@@ -189,15 +189,18 @@ def test_overlong_prompt_is_truncated_with_a_warning(server):
     assert any("CLIP reads the first 77" in warning for warning in info["warnings"]), info["warnings"]
 
 
-def test_unsupported_stack_fails_to_load_and_others_keep_serving(server):
+@pytest.mark.parametrize("model,reason", [
+    ("bf16-fp8", "fp8 needs a CUDA GPU of compute capability 8.9+"),
+    ("bf16-cudnn-cudagraph", "cuDNN attention needs a CUDA GPU"),
+])
+def test_unsupported_stack_fails_to_load_and_others_keep_serving(server, model, reason):
     client = httpclient.InferenceServerClient(server.http_url)
     with pytest.raises(InferenceServerException) as error:
-        client.load_model("bf16-fp8")
-    assert "compute capability 8.9" in error.value.message()
+        client.load_model(model)
+    assert reason in error.value.message()
     index = {entry["name"]: entry for entry in client.get_model_repository_index()}
-    assert index["bf16-fp8"]["state"] == "UNAVAILABLE"
-    assert "compute capability 8.9" in index["bf16-fp8"]["reason"]
-    assert "fp8 needs a CUDA GPU of compute capability 8.9+" in server.log()
+    assert index[model]["state"] == "UNAVAILABLE" and reason in index[model]["reason"]
+    assert f"stack {model}: {reason}" in server.log()
     assert client.is_server_ready() and client.is_model_ready("bf16")
     assert output(infer(server, "bf16", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
 

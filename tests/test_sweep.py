@@ -106,6 +106,7 @@ def test_markdown_table_agrees_with_the_csv(first_run):
         assert float(line["Load (s)"]) == pytest.approx(float(row["load_s"]), abs=0.051)
         assert float(line["Denoise (s)"]) == pytest.approx(float(row["denoise_s"]), abs=0.0051)
         assert float(line["In model (s)"]) == pytest.approx(float(row["model_s"]), abs=0.0051)
+        assert row["measured_at"].replace("T", " ").startswith(line["Measured (UTC)"])
         second = line["Second load (s)"]
         assert second == "" if not row["second_load_s"] else float(second) == pytest.approx(
             float(row["second_load_s"]), abs=0.051)
