@@ -76,6 +76,9 @@ class StackPipeline:
         self.weights = weights
         self.attention_backend = attention_backend
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        # The cuDNN this process loaded (None without one): its version decides SDPA's default kernel on Hopper,
+        # and the library path can make the model process load another one than a plain python3 would.
+        self.cudnn_version = torch.backends.cudnn.version() if device.type == "cuda" else None
         self.attention_kernel = "unknown (not warmed up)"
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 

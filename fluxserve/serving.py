@@ -115,6 +115,7 @@ class StackService:
             "weights": str(self.weights),
             "device": str(self.pipeline.device),
             "device_name": self.pipeline.device_name,
+            "cudnn_version": self.pipeline.cudnn_version,
             "attention_backend": self.pipeline.attention_backend,
             "attention_kernel": self.pipeline.attention_kernel,
             "seed": request.seed,

@@ -115,6 +115,7 @@ class Row:
     device: str
     weights: str
     attention_kernel: str
+    cudnn_version: int | None  # the cuDNN the model's process loaded (INFO), None without a GPU
     measured_at: str
 
     @staticmethod
@@ -440,7 +441,7 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
         denoise_s=float(np.mean([result.info["timings_ms"]["denoise"] for result in results])) / 1000,
         peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
         image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
-        attention_kernel=info["attention_kernel"],
+        attention_kernel=info["attention_kernel"], cudnn_version=info.get("cudnn_version"),
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 

@@ -55,6 +55,7 @@ def test_generates_png_and_image_of_the_asked_size(server, protocol, model):
     assert 1 <= info["steps_computed"] <= 3
     assert info["seed"] == 7 and info["guidance"] == 4.0 and (info["height"], info["width"]) == (80, 112)
     assert "attention" in info["attention_kernel"] and info["latency_ms"] > 0
+    assert info["device_name"] == "cpu" and info["cudnn_version"] is None  # a GPU instance reports its cuDNN
     assert {"text_encode", "denoise", "vae_decode", "png_encode"} <= set(info["timings_ms"])
 
 

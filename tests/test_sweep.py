@@ -71,6 +71,7 @@ def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run)
         assert float(row["min_s"]) <= float(row["average_s"]) <= float(row["p99_s"])
         assert 1 <= float(row["steps_computed"]) <= 2 and float(row["load_s"]) > 0
         assert row["device"] == "cpu" and row["weights"] == "synthetic:tiny" and row["peak_memory_gib"] == ""
+        assert row["cudnn_version"] == ""  # no GPU: no cuDNN
         # the loop, inside the model's handler, inside the request's latency
         assert 0 < float(row["denoise_s"]) < float(row["model_s"]) < float(row["average_s"])
     for index in SERVED:  # through the server: Triton's own statistics
