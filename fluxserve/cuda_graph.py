@@ -1,7 +1,7 @@
 """Replay the transformer's whole forward (one denoising step) as a CUDA graph, captured on first use.
 
 Eager FLUX issues thousands of small kernels per step from Python. Inside Triton's Python backend stub, whose
-interpreter runs through the shared libpython (half the bytecode speed of a statically linked python3 on the
+interpreter runs through the shared libpython (two thirds of the bytecode speed of a static python3 on the
 H200 host, perf/results/h200), that host work becomes the bound; a graph replays the step with one launch. Uses
 PyTorch's CUDA graph API (torch.cuda.graph); this wrapper only keys graphs by input shape and copies the inputs
 into the captured buffers. Only for stacks without a step cache: a cache's skip decision is host control flow.
