@@ -215,22 +215,21 @@ def read_rows(path: Path) -> list[Row]:
 
 def append_row(path: Path, row: Row) -> None:
     """Write one stack's row at once, so an interrupted sweep keeps what it measured. A results.csv written
-    with other columns (an older version) is rewritten with the current ones first."""
+    with other columns (an older version) is rewritten with the current ones, this row added."""
     columns = [f.name for f in Row.columns()]
+    rows = [row]
     if path.exists():
         with path.open(newline="") as file:
             header = next(csv.reader(file), [])
         if header != columns:
-            rows = read_rows(path)
+            rows = [*read_rows(path), row]
             path.unlink()
-            for old in rows:
-                append_row(path, old)
     new = not path.exists()
     with path.open("a", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         if new:
             writer.writeheader()
-        writer.writerow(row.to_csv())
+        writer.writerows(r.to_csv() for r in rows)
 
 
 # ---------------------------------------------------------------- measuring
@@ -587,6 +586,7 @@ def run_jobs(
     """Measure each stack not yet in results.csv for this configuration, writing its row at once; returns the
     names of the stacks that failed."""
     served, direct = baseline_first(names(args.models), args.baseline), names(args.direct)
+    reload = names(args.reload)
     jobs = []
     for model in served:  # a stack's direct run right after its served one, so one deadline cannot split them
         jobs += [(model, "server")] + ([(model, "direct")] if model in direct else [])
@@ -603,7 +603,7 @@ def run_jobs(
             continue
         if mode == "server":
             measurement = reporting_failure(label, measure_on_server, client, model, config, prompts, args.warmup,
-                                            label, model in names(args.reload))
+                                            label, model in reload)
         else:
             measurement = reporting_failure(label, measure_direct, model, weights, config, prompts, args.warmup,
                                             label)
