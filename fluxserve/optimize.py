@@ -12,6 +12,7 @@ from .stacks import Stack
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_MIN_CAPABILITY = (8, 9)
+FP8_QUANTIZATIONS = ("fp8", "fp8row")
 
 
 class StackUnsupported(RuntimeError):
@@ -24,7 +25,7 @@ def check_supported(stack: Stack, device: torch.device) -> None:
         raise StackUnsupported(f"stack {stack.name}: cuDNN attention needs a CUDA GPU, this instance runs on {device}")
     if stack.cuda_graph and device.type != "cuda":
         raise StackUnsupported(f"stack {stack.name}: CUDA graphs need a CUDA GPU, this instance runs on {device}")
-    if stack.quantization == "fp8":
+    if stack.quantization in FP8_QUANTIZATIONS:
         if device.type != "cuda":
             raise StackUnsupported(f"stack {stack.name}: fp8 needs a CUDA GPU of compute capability 8.9+, not {device}")
         capability = torch.cuda.get_device_capability(device)
@@ -62,16 +63,21 @@ def apply_fused_qkv(transformer) -> None:
 
 
 def apply_quantization(transformer, quantization: str) -> None:
-    """Quantize the transformer's linear layers with torchao (activations stay bf16 between layers)."""
+    """Quantize the transformer's linear layers with torchao (activations stay bf16 between layers).
+
+    `fp8` is torchao's default granularity, one scale per tensor (what the seed's "TorchAO FP8" ran); `fp8row`
+    one scale per row of activations and weights (finer, more quantization work per matmul)."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
         PerRow,
+        PerTensor,
         quantize_,
     )
 
     configs = {
-        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()),
+        "fp8row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
         "int8": Int8DynamicActivationInt8WeightConfig,
     }
     quantize_(transformer, configs[quantization]())

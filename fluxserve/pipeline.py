@@ -80,6 +80,8 @@ class StackPipeline:
         # and the library path can make the model process load another one than a plain python3 would.
         self.cudnn_version = torch.backends.cudnn.version() if device.type == "cuda" else None
         self.attention_kernel = "unknown (not warmed up)"
+        self.load_phases: dict[str, float] = {}
+        self.compile_stats: dict[str, int] = {}  # compiled stacks: what the load compiled and the caches served
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
@@ -185,17 +187,19 @@ class StackPipeline:
         return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
 
     @torch.inference_mode()
-    def warm_up(self, request: GenerationRequest) -> None:
+    def warm_up(self, request: GenerationRequest, clock: PhaseClock) -> None:
         """Run the request once (compiles, autotunes, allocates), then one denoising step under the profiler
         to see which attention kernel the transformer actually runs (text encoders and VAE left out: they
         have attention of their own)."""
         self.generate(request)
+        clock.lap("warm_up")
         from torch.profiler import ProfilerActivity, profile
 
         embeddings = self._encode(request.prompt)
         with eager_forward(self.pipe.transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
             self._denoise(embeddings, dataclasses.replace(request, steps=1), should_stop=None)
         self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
+        clock.lap("kernel_check")
 
 
 def attention_kernel_from_events(names) -> str:
@@ -209,14 +213,64 @@ def attention_kernel_from_events(names) -> str:
 def build_pipeline(
     stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None
 ) -> StackPipeline:
-    """Load the weights, apply the stack and warm up (compiling, when the stack compiles)."""
+    """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
+
+    The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
+    wrapping), `warm_up` (the first request: compilation, graph capture) and `kernel_check`."""
     check_supported(stack, device)
+    compiled_before = compile_counters()
+    clock = PhaseClock(device)
     pipe = load_pipeline(weights, TORCH_DTYPES[stack.dtype], device)
     pipe.set_progress_bar_config(disable=True)
+    clock.lap("weights")
     backend = optimize_transformer(pipe.transformer, stack, device)
+    clock.lap("stack")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
     if warm_up is not None:
-        stack_pipeline.warm_up(warm_up)
+        stack_pipeline.warm_up(warm_up, clock)
+    stack_pipeline.load_phases = clock.phases
+    if stack.compile != "none":
+        compiled = compile_counters()
+        stack_pipeline.compile_stats = {key: compiled[key] - compiled_before[key] for key in compiled}
     return stack_pipeline
+
+
+COMPILE_COUNTERS = {  # name -> torch.compile's own counter (what TORCH_LOGS reports), (group, key)
+    "frames": ("frames", "ok"),
+    "graphs": ("stats", "unique_graphs"),
+    "aot_cache_hits": ("aot_autograd", "autograd_cache_hit"),
+    "aot_cache_misses": ("aot_autograd", "autograd_cache_miss"),
+    "aot_cache_bypasses": ("aot_autograd", "autograd_cache_bypass"),
+    "inductor_cache_hits": ("inductor", "fxgraph_cache_hit"),
+    "inductor_cache_misses": ("inductor", "fxgraph_cache_miss"),
+}
+
+
+def compile_counters() -> dict[str, int]:
+    """What torch.compile has compiled in this process so far, and what its on-disk caches served: a slow
+    second load says here whether it traced again, missed the caches or compiled more graphs than expected.
+    Read from torch's process-wide counters (torch._dynamo.utils, private), so a load reports the difference."""
+    from torch._dynamo.utils import counters
+
+    return {name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()}
+
+
+class PhaseClock:
+    """Seconds per named phase of a load, each measured from the end of the previous one (GPU work included)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.phases: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = self._now()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now

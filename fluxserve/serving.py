@@ -91,9 +91,12 @@ class StackService:
         started = time.perf_counter()
         self.pipeline = build_pipeline(self.stack, self.weights, device, warm_up)
         self.load_seconds = time.perf_counter() - started
+        phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.pipeline.load_phases.items())
+        compiled = ", ".join(f"{name} {count}" for name, count in self.pipeline.compile_stats.items())
         notify(
-            f"{model_name}: stack {self.stack.description} ready on {device} in {self.load_seconds:.1f} s; "
-            f"weights {self.weights}; attention {self.pipeline.attention_backend} -> {self.pipeline.attention_kernel}"
+            f"{model_name}: stack {self.stack.description} ready on {device} in {self.load_seconds:.1f} s "
+            f"({phases}){f'; compiled: {compiled}' if compiled else ''}; weights {self.weights}; "
+            f"attention {self.pipeline.attention_backend} -> {self.pipeline.attention_kernel}"
         )
 
     def infer(self, inputs: dict, wanted: set[str], should_stop=None) -> dict[str, np.ndarray]:
@@ -127,6 +130,8 @@ class StackService:
             "cancelled": generation.cancelled,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             "load_seconds": round(self.load_seconds, 3),
+            "load_phases_s": self.pipeline.load_phases,
+            "compile_stats": self.pipeline.compile_stats,
             "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,
             "warnings": generation.warnings,

@@ -14,11 +14,15 @@ ATTENTIONS = ("sdpa", "fa2", "cudnn")
 CACHES = ("none", "fbcache", "teacache", "magcache", "taylorseer")
 THRESHOLD_CACHES = ("fbcache", "teacache", "magcache")  # skip while a measured change stays below a threshold
 INTERVAL_CACHES = ("taylorseer",)  # compute one step in every `cache_interval`, forecast the others
-QUANTIZATIONS = ("none", "fp8", "int8")
+QUANTIZATIONS = ("none", "fp8", "fp8row", "int8")
 COMPILES = ("none", "regional", "full")
 
 ATTENTION_LABELS = {"sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention"}
-QUANTIZATION_LABELS = {"fp8": "torchao fp8 dynamic per-row", "int8": "torchao int8 dynamic"}
+QUANTIZATION_LABELS = {
+    "fp8": "torchao fp8 dynamic per-tensor",
+    "fp8row": "torchao fp8 dynamic per-row",
+    "int8": "torchao int8 dynamic",
+}
 NUMBER_TYPES = {"float": float, "int": int}  # stack fields parsed from Triton's string parameters
 
 
@@ -192,12 +196,14 @@ CATALOG: tuple[Stack, ...] = (
     Stack(attention="cudnn", fuse_qkv=True, compile="regional"),
     Stack(quantization="fp8", fuse_qkv=True, compile="regional"),
     Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional"),
+    Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional"),
     Stack(attention="cudnn", cache="fbcache", cache_threshold=0.3, quantization="fp8", fuse_qkv=True,
           compile="regional"),
     # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
     Stack(attention="cudnn", cuda_graph=True),
-    Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, cuda_graph=True),
+    Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional", cuda_graph=True),
+    Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional", cuda_graph=True),
 )
 
 DEFAULT_STACK = "bf16"

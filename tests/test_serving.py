@@ -57,12 +57,18 @@ def test_generates_png_and_image_of_the_asked_size(server, protocol, model):
     assert "attention" in info["attention_kernel"] and info["latency_ms"] > 0
     assert info["device_name"] == "cpu" and info["cudnn_version"] is None  # a GPU instance reports its cuDNN
     assert {"text_encode", "denoise", "vae_decode", "png_encode"} <= set(info["timings_ms"])
+    phases = info["load_phases_s"]  # where the load went, in order; together within the whole load
+    assert list(phases) == ["weights", "stack", "warm_up", "kernel_check"] and min(phases.values()) >= 0
+    assert 0 < sum(phases.values()) <= info["load_seconds"] + 0.005  # each rounded to the millisecond
 
 
 def test_compiled_stack_serves_the_same_image_within_rounding(server):
     eager = infer(server, "bf16", SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
     compiled = infer(server, COMPILED_STACK, SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
     assert output(compiled, "STEPS_COMPUTED")[0] == 3
+    stats = info_of(compiled)["compile_stats"]  # the load compiled graphs, each served by the cache or compiled
+    assert stats["graphs"] >= 1 and stats["inductor_cache_hits"] + stats["inductor_cache_misses"] >= stats["graphs"]
+    assert info_of(eager)["compile_stats"] == {}
     difference = np.abs(output(compiled, "IMAGE").astype(int) - output(eager, "IMAGE").astype(int))
     assert difference.mean() < 2.0, difference.mean()  # fused bf16 kernels round differently, nothing more
 
