@@ -121,3 +121,24 @@ def test_a_cuda_graph_stack_fails_before_loading_weights_on_cpu():
 
     with pytest.raises(StackUnsupported, match="CUDA graphs need a CUDA GPU"):
         check_supported(Stack(cuda_graph=True), torch.device("cpu"))
+
+
+def plan_lines(path) -> list[dict[str, list[str]]]:
+    """perf/gpu_sweep.sh's plan format: per line, space-separated `field=a,b` items."""
+    return [dict((item.split("=", 1)[0], item.split("=", 1)[1].split(",")) for item in line.split())
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "perf" / "plans").glob("*.txt")), ids=lambda path: path.name)
+def test_gpu_plans_name_catalog_stacks_and_reload_what_they_measure(plan):
+    catalog = catalog_by_name()
+    for line in plan_lines(plan):
+        assert set(line) <= {"stacks", "direct", "reload"} and line["stacks"][0] == "bf16"
+        assert not set(sum(line.values(), [])) - set(catalog), f"{plan.name}: not in the catalog"
+        assert set(line.get("reload", [])) <= set(line["stacks"])  # a second load follows a measured first
+
+
+def test_the_four_gpu_plans_cover_the_whole_catalog():
+    planned = {name for kind in ("eager", "compile") for line in plan_lines(ROOT / f"perf/plans/h200-x4-{kind}.txt")
+               for name in line["stacks"]}
+    assert planned == set(catalog_by_name())
