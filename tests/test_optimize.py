@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
+from conftest import ROOT
 
 from fluxserve.contract import GenerationRequest
 from fluxserve.optimize import QUANTIZED_COMPILE_OPTIONS
@@ -32,3 +38,18 @@ def test_a_quantized_compiled_stack_keeps_torchaos_inductor_options_to_itself(mo
     assert pipeline.compile_stats["graphs"] >= 1
     assert compiled_with and all(options == QUANTIZED_COMPILE_OPTIONS for options in compiled_with)  # every block
     assert {name: getattr(inductor, name) for name in QUANTIZED_COMPILE_OPTIONS} == before
+
+
+def test_compile_load_diagnostic_reports_phases_compiled_graphs_and_latency(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run(
+        [sys.executable, "-m", "perf.diagnostics.compile_load", "--stack", "bf16-compile-regional", "--weights",
+         "synthetic:tiny", "--size", "64", "--steps", "2", "--requests", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["stack"] == "bf16-compile-regional" and report["inductor_cache"] == env["TORCHINDUCTOR_CACHE_DIR"]
+    assert report["compile_stats"]["graphs"] >= 1 and report["compile_stats"]["inductor_cache_misses"] >= 1  # cold
+    assert list(report["load_phases_s"]) == ["weights", "stack", "warm_up", "kernel_check"]
+    assert len(report["latencies_s"]) == 2 and report["steps_computed"] == 2
