@@ -109,6 +109,9 @@ def server_command(
         # Server readiness: up, with its startup models loaded (they are READY only after warm-up). Not strict:
         # a stack that later fails to load must not take the models that serve out of a load balancer.
         "--strict-readiness=false",
+        # Every config.pbtxt is complete (generated from the catalog), so Triton need not start a Python stub per
+        # load just to ask model.py to complete it: that stub imports torch and diffusers, seconds of every load.
+        "--disable-auto-complete-config",
     ]
     if install.backend_directory is not None:
         command.append(f"--backend-directory={install.backend_directory}")

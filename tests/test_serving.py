@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +212,45 @@ def test_unsupported_stack_fails_to_load_and_others_keep_serving(server, model, 
     assert f"stack {model}: {reason}" in server.log()
     assert client.is_server_ready() and client.is_model_ready("bf16")
     assert output(infer(server, "bf16", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
+
+
+def processes_running(script: str) -> set[int]:
+    """PIDs of the processes whose command line names `script` (Triton's Python stubs name their model.py)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and script in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.add(int(entry.name))
+        except OSError:  # gone between listing and reading
+            pass
+    return pids
+
+
+def test_a_load_starts_one_model_process_not_a_config_completing_one_first(server, test_repository):
+    model = "bf16-fbcache-0.15"  # loaded by no other test
+    script = str(test_repository / model / "1" / "model.py")
+    seen, loaded = set(), threading.Event()
+
+    def watch():
+        while not loaded.is_set():
+            seen.update(processes_running(script))
+            loaded.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        client.load_model(model)
+    finally:
+        loaded.set()
+        watcher.join()
+    try:
+        assert client.is_model_ready(model)
+        # With config auto-completion on, Triton first runs a stub only to ask model.py for its config (importing
+        # torch and diffusers), then the instance's: two processes per load instead of one.
+        assert len(seen) == 1 and seen == processes_running(script), seen
+    finally:
+        client.unload_model(model)
 
 
 def test_eight_concurrent_requests_all_succeed(server):
