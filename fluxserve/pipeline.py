@@ -85,9 +85,7 @@ class StackPipeline:
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return finished_time(self.device)
 
     def peak_memory_gib(self) -> float | None:
         """Peak GPU memory allocated since the stack was applied (its weights, warm-up and requests; not the
@@ -257,20 +255,22 @@ def compile_counters() -> dict[str, int]:
     return {name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()}
 
 
+def finished_time(device: torch.device) -> float:
+    """time.perf_counter() once the work queued on `device` has finished (a GPU runs behind the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class PhaseClock:
     """Seconds per named phase of a load, each measured from the end of the previous one (GPU work included)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.phases: dict[str, float] = {}
-        self._last = self._now()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        self._last = finished_time(device)
 
     def lap(self, phase: str) -> None:
-        now = self._now()
+        now = finished_time(self.device)
         self.phases[phase] = round(now - self._last, 3)
         self._last = now
