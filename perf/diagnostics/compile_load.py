@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         generation = pipeline.generate(request)
         latencies.append(round(time.perf_counter() - started, 3))
     print(json.dumps({
-        "stack": stack.name, "quantized_options": not args.without_quantized_options,
+        "stack": stack.name,
+        "quantized_options": stack.quantization != "none" and not args.without_quantized_options,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"), "load_s": round(load_s, 3),
         "load_phases_s": pipeline.load_phases, "compile_stats": pipeline.compile_stats,
         "latencies_s": latencies, "steps_computed": generation.steps_computed if latencies else None,
