@@ -67,8 +67,8 @@ def apply_quantization(transformer, quantization: str) -> None:
 
     `fp8` is torchao's default granularity, one scale per tensor (what the seed's "TorchAO FP8" ran); `fp8row`
     one scale per row of activations and weights (finer, more quantization work per matmul). torchao would also
-    set its recommended Inductor options process-wide; `apply_compile` passes them to this model's compilation
-    instead (QUANTIZED_COMPILE_OPTIONS), so they do not leak into other stacks built in the same process."""
+    set its recommended Inductor options process-wide; they do not pay here (see `apply_compile`) and would leak
+    into every stack built later in the same process."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -140,17 +140,7 @@ def set_cache_steps(transformer, steps: int) -> None:
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
 
 
-# torchao's recommended Inductor options for quantized models (torchao.quantization.utils.
-# recommended_inductor_config_setter, less the two that are Inductor's defaults): kernels tuned by coordinate
-# descent, int8 matmul fused with its rescale. Every quantized stack measured so far compiled with them.
-QUANTIZED_COMPILE_OPTIONS = {
-    "coordinate_descent_tuning": True,
-    "coordinate_descent_check_all_directions": True,
-    "force_fuse_int_mm_with_mul": True,
-}
-
-
-def apply_compile(transformer, mode: str, quantized: bool) -> None:
+def apply_compile(transformer, mode: str) -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
     cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
     caches' skip decisions run eagerly, each a graph break.
@@ -158,13 +148,14 @@ def apply_compile(transformer, mode: str, quantized: bool) -> None:
     Compiled code is guarded on module hooks too (torch skips those guards by default): regional compilation
     reuses one block's code for every block of its class, so without them the step counter's hook on the last
     block never ran once another block's code served it (0 steps counted on the full-size model).
-    A `quantized` transformer compiles with torchao's recommended options, scoped to its own code."""
+    Quantized transformers compile with Inductor's defaults too, not torchao's recommended options: on the
+    H200 their coordinate-descent tuning took a compiled fp8 stack's load from 35 s to 278 s (and 15 s to
+    120 s with warm caches) for the same latency (perf/results/h200, session 4)."""
     torch._dynamo.config.skip_nnmodule_hook_guards = False
-    options = {"options": QUANTIZED_COMPILE_OPTIONS} if quantized else {}
     if mode == "regional":
-        transformer.compile_repeated_blocks(**options)
+        transformer.compile_repeated_blocks()
     else:
-        transformer.compile(**options)
+        transformer.compile()
 
 
 def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str:
@@ -178,7 +169,7 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
     if stack.cache != "none":
         apply_cache(transformer, stack)
     if stack.compile != "none":
-        apply_compile(transformer, stack.compile, quantized=stack.quantization != "none")
+        apply_compile(transformer, stack.compile)
     if stack.cuda_graph:
         apply_cuda_graph(transformer)
     return backend
