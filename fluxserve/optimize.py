@@ -57,9 +57,20 @@ def apply_attention(transformer, attention: str, device: torch.device) -> str:
     return backend
 
 
+SEPARATE_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
 def apply_fused_qkv(transformer) -> None:
-    """Fuse the Q, K and V projections of every attention into one matmul (diffusers' own fusion)."""
+    """Fuse the Q, K and V projections of every attention into one matmul (diffusers' own fusion), then drop the
+    separate projections, which diffusers keeps beside the fused ones only to unfuse again: on FLUX.1-dev 2.15 B
+    parameters (4.0 GiB in bf16, measured as the fused stacks' extra peak memory on the H200) that a server never
+    reads, and that quantization would otherwise quantize too."""
     transformer.fuse_qkv_projections()
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            for name in SEPARATE_PROJECTIONS:
+                if hasattr(module, name):
+                    delattr(module, name)
 
 
 def apply_quantization(transformer, quantization: str) -> None:

@@ -71,3 +71,21 @@ def test_compile_loads_diagnostic_loads_each_variant_cold_then_from_its_warm_cac
     assert cold["compile_stats"]["inductor_cache_misses"] >= 1 and cold["compile_stats"]["inductor_cache_hits"] == 0
     assert warm["compile_stats"]["inductor_cache_hits"] == cold["compile_stats"]["graphs"]
     assert warm["compile_stats"]["inductor_cache_misses"] == 0
+
+
+def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
+    from fluxserve.optimize import SEPARATE_PROJECTIONS
+
+    request = GenerationRequest(prompt="a lighthouse", seed=3, steps=2, guidance=3.5, height=64, width=64)
+    separate = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu"), request)
+    fused = build_pipeline(Stack(fuse_qkv=True), parse_source("synthetic:tiny"), torch.device("cpu"), request)
+
+    def parameters(pipeline, kind):
+        return {name: p.numel() for name, p in pipeline.pipe.transformer.named_parameters()
+                if name.split(".")[-2] in kind}
+
+    dropped = parameters(separate, SEPARATE_PROJECTIONS)
+    assert dropped and not parameters(fused, SEPARATE_PROJECTIONS)
+    assert sum(parameters(fused, ("to_qkv", "to_added_qkv")).values()) == sum(dropped.values())
+    image_separate, image_fused = (p.generate(request).image.astype(float) for p in (separate, fused))
+    assert abs(image_separate - image_fused).max() <= 2  # 8-bit pixels: the fused matmul rounds differently
