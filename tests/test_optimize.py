@@ -89,3 +89,15 @@ def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
     assert sum(parameters(fused, ("to_qkv", "to_added_qkv")).values()) == sum(dropped.values())
     image_separate, image_fused = (p.generate(request).image.astype(float) for p in (separate, fused))
     assert abs(image_separate - image_fused).max() <= 2  # 8-bit pixels: the fused matmul rounds differently
+
+
+def test_quantized_linear_diagnostic_times_each_quantization_or_says_why_it_cannot():
+    done = subprocess.run(
+        [sys.executable, "-m", "perf.diagnostics.quantized_linear", "--shape", "32,64,128", "--repeats", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = {r["quantization"]: r for r in map(json.loads, done.stdout.strip().splitlines())}
+    assert list(reports) == ["none", "fp8", "fp8row", "int8"]
+    assert reports["none"]["vs_bf16"] == 1.0 and reports["int8"]["ms"] > 0 and reports["int8"]["int_mm"] == "ok"
+    assert "compute capability" in reports["fp8"]["error"]  # torchao's own check, on this CPU-only machine

@@ -1,0 +1,93 @@
+"""Eager time of one linear layer quantized as the stacks quantize it, against bf16, at FLUX.1-dev's shapes.
+
+On the H200 eager torchao fp8 ran twice as slow as bf16 and eager int8 eight times (perf/results/h200): this
+times single layers, without the model around them, to show which layer shapes pay and how much. For int8 it also
+says whether `torch._int_mm` runs on this GPU at all: torchao's eager int8 matmul
+(torchao.kernel.intmm.safe_int_mm) silently falls back to a float32 matmul when it raises. Prints one JSON line
+per shape and quantization.
+
+    python3 -m perf.diagnostics.quantized_linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from fluxserve.optimize import apply_quantization
+from fluxserve.pipeline import finished_time
+
+# (what, tokens, in features, out features): a double block's fused QKV, a single block's MLP input, a block's
+# modulation (one row per image, so tokens = 1).
+FLUX_SHAPES = (("fused qkv", 4608, 3072, 9216), ("mlp in", 4608, 3072, 12288), ("modulation", 1, 3072, 18432))
+
+
+def parse_shape(text: str) -> tuple[str, int, int, int]:
+    tokens, in_features, out_features = (int(part) for part in text.split(","))
+    return text, tokens, in_features, out_features
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.quantized_linear", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=parse_shape, action="append", metavar="TOKENS,IN,OUT",
+                        help="a layer shape (repeatable); default: FLUX.1-dev's")
+    parser.add_argument("--quantizations", default="none,fp8,fp8row,int8")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per layer (default 20)")
+    return parser.parse_args(argv)
+
+
+def median_ms(call, device: torch.device, repeats: int) -> float:
+    """Median time of `call` after one untimed call, each timed to the device finishing it."""
+    call()
+    times = []
+    for _ in range(repeats):
+        started = finished_time(device)
+        call()
+        times.append(finished_time(device) - started)
+    return statistics.median(times) * 1e3
+
+
+def int_mm_status(tokens: int, in_features: int, out_features: int, device: torch.device) -> str:
+    """'ok', or the error torch._int_mm raises for this shape (where torchao falls back to float32)."""
+    a = torch.randint(-128, 128, (tokens, in_features), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device).t()
+    try:
+        torch._int_mm(a, b)
+    except RuntimeError as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return "ok"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for what, tokens, in_features, out_features in args.shape or FLUX_SHAPES:
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16, device=device)
+        bf16_ms = None
+        for quantization in args.quantizations.split(","):
+            report = {"shape": what, "tokens": tokens, "in": in_features, "out": out_features,
+                      "quantization": quantization, "device": str(device)}
+            layer = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, dtype=torch.bfloat16,
+                                                        device=device))
+            try:
+                if quantization != "none":
+                    apply_quantization(layer, quantization)
+                with torch.inference_mode():
+                    ms = median_ms(lambda: layer(x), device, args.repeats)
+            except Exception as error:  # noqa: BLE001 - a quantization this device lacks is a result, not a crash
+                report["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            else:
+                bf16_ms = ms if quantization == "none" else bf16_ms
+                report["ms"] = round(ms, 4)
+                report["vs_bf16"] = round(ms / bf16_ms, 2) if bf16_ms else None
+            if quantization == "int8":
+                report["int_mm"] = int_mm_status(tokens, in_features, out_features, device)
+            print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
