@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as error:  # noqa: BLE001 - a quantization this device lacks is a result, not a crash
                 report["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             else:
-                bf16_ms = ms if quantization == "none" else bf16_ms
+                if quantization == "none":
+                    bf16_ms = ms
                 report["ms"] = round(ms, 4)
                 report["vs_bf16"] = round(ms / bf16_ms, 2) if bf16_ms else None
             if quantization == "int8":
