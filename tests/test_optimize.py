@@ -99,5 +99,8 @@ def test_quantized_linear_diagnostic_times_each_quantization_or_says_why_it_cann
     assert done.returncode == 0, done.stderr[-2000:]
     reports = {r["quantization"]: r for r in map(json.loads, done.stdout.strip().splitlines())}
     assert list(reports) == ["none", "fp8", "fp8row", "int8"]
-    assert reports["none"]["vs_bf16"] == 1.0 and reports["int8"]["ms"] > 0 and reports["int8"]["int_mm"] == "ok"
+    assert reports["none"]["vs_bf16"] == 1.0 and reports["int8"]["ms"] > 0
+    matmul_ms = reports["int8"]["matmul_ms"]
+    assert set(matmul_ms) == {"torchao_safe_int_mm", "int_mm_column_major", "int_mm_row_major", "float32_mm"}
+    assert all(isinstance(ms, float) and ms > 0 for ms in matmul_ms.values()), matmul_ms
     assert "compute capability" in reports["fp8"]["error"]  # torchao's own check, on this CPU-only machine

@@ -2,9 +2,10 @@
 
 On the H200 eager torchao fp8 ran twice as slow as bf16 and eager int8 eight times (perf/results/h200): this
 times single layers, without the model around them, to show which layer shapes pay and how much. For int8 it also
-says whether `torch._int_mm` runs on this GPU at all: torchao's eager int8 matmul
-(torchao.kernel.intmm.safe_int_mm) silently falls back to a float32 matmul when it raises. Prints one JSON line
-per shape and quantization.
+times the matmul alone in the layouts that matter, to tell the suspects apart: torchao's eager int8 matmul
+(torchao.kernel.intmm.safe_int_mm) silently falls back to a float32 matmul when `torch._int_mm` raises, and
+before calling it copies the transposed weight to row-major, a layout cuBLAS serves with slower int8 kernels
+than the column-major one it prefers (pytorch/pytorch#187094). Prints one JSON line per shape and quantization.
 
     python3 -m perf.diagnostics.quantized_linear
 """
@@ -51,15 +52,27 @@ def median_ms(call, device: torch.device, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def int_mm_status(tokens: int, in_features: int, out_features: int, device: torch.device) -> str:
-    """'ok', or the error torch._int_mm raises for this shape (where torchao falls back to float32)."""
+def int8_matmul_ms(tokens: int, in_features: int, out_features: int, device: torch.device,
+                   repeats: int) -> dict[str, float | str]:
+    """Median ms of the int8 matmul alone: as torchao calls it, `torch._int_mm` with each weight layout, and the
+    float32 matmul torchao falls back to; an error message where `torch._int_mm` raises."""
+    from torchao.kernel.intmm import safe_int_mm
+
     a = torch.randint(-128, 128, (tokens, in_features), dtype=torch.int8, device=device)
-    b = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device).t()
-    try:
-        torch._int_mm(a, b)
-    except RuntimeError as error:
-        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    return "ok"
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device)
+    calls = {
+        "torchao_safe_int_mm": lambda: safe_int_mm(a, weight.t()),  # the layout torchao's int8 linear passes
+        "int_mm_column_major": lambda: torch._int_mm(a, weight.t()),
+        "int_mm_row_major": lambda: torch._int_mm(a, weight.t().contiguous()),
+        "float32_mm": lambda: torch.mm(a.float(), weight.t().float()),
+    }
+    timings = {}
+    for what, call in calls.items():
+        try:
+            timings[what] = round(median_ms(call, device, repeats), 4)
+        except RuntimeError as error:
+            timings[what] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return timings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 report["ms"] = round(ms, 4)
                 report["vs_bf16"] = round(ms / bf16_ms, 2) if bf16_ms else None
             if quantization == "int8":
-                report["int_mm"] = int_mm_status(tokens, in_features, out_features, device)
+                report["matmul_ms"] = int8_matmul_ms(tokens, in_features, out_features, device, args.repeats)
             print(json.dumps(report), flush=True)
 
 
