@@ -20,6 +20,15 @@ deadline="${SWEEP_DEADLINE_S:-540}"
 
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
+# A shard on a GPU the host lacks would start a server that only fails every load (synthetic:full needs a GPU).
+shards=$(grep -c '[^[:space:]]' "$plan")
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+if [ "$shards" -gt "$gpus" ]; then
+    echo "gpu_sweep: $plan has $shards shard line(s) but this host has $gpus GPU(s); run one line per call," \
+        "e.g. sed -n 1p $plan > /tmp/plan.txt" >&2
+    exit 2
+fi
+
 shard() {  # shard GPU LINE [sweep args]
     local gpu=$1 line=$2 port=$((8000 + 10 * $1))
     shift 2

@@ -175,3 +175,17 @@ def test_results_csv_of_an_older_version_gains_the_new_columns(first_run, tmp_pa
     assert [row.name for row in merged] == EXPECTED_ORDER[:3]
     assert merged[0].model_s is None and merged[0].p50_s == float(rows[0]["p50_s"])
     assert merged[2].second_load_s == float(rows[2]["second_load_s"])
+
+
+def test_gpu_sweep_refuses_a_plan_with_more_shards_than_gpus(tmp_path):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    plan = tmp_path / "plan.txt"
+    plan.write_text("stacks=bf16\n\n" * (gpus + 1))  # blank lines are no shards
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # its python3 has torch
+    done = subprocess.run(["bash", str(ROOT / "perf" / "gpu_sweep.sh"), str(plan), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"has {gpus + 1} shard line(s) but this host has {gpus} GPU(s)" in done.stderr
+    assert not (tmp_path / "out" / "logs" / "gpu0-server.log").exists()  # no server was started
