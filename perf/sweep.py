@@ -213,23 +213,26 @@ def read_rows(path: Path) -> list[Row]:
         return [Row.from_csv(record) for record in csv.DictReader(file)]
 
 
+def write_rows(path: Path, rows: list[Row]) -> None:
+    """results.csv holding exactly `rows`, in the current columns."""
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[f.name for f in Row.columns()])
+        writer.writeheader()
+        writer.writerows(row.to_csv() for row in rows)
+
+
 def append_row(path: Path, row: Row) -> None:
     """Write one stack's row at once, so an interrupted sweep keeps what it measured. A results.csv written
     with other columns (an older version) is rewritten with the current ones, this row added."""
     columns = [f.name for f in Row.columns()]
-    rows = [row]
     if path.exists():
         with path.open(newline="") as file:
             header = next(csv.reader(file), [])
-        if header != columns:
-            rows = [*read_rows(path), row]
-            path.unlink()
-    new = not path.exists()
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(r.to_csv() for r in rows)
+        if header == columns:
+            with path.open("a", newline="") as file:
+                csv.DictWriter(file, fieldnames=columns).writerow(row.to_csv())
+            return
+    write_rows(path, [*read_rows(path), row])
 
 
 # ---------------------------------------------------------------- measuring

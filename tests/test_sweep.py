@@ -189,3 +189,45 @@ def test_gpu_sweep_refuses_a_plan_with_more_shards_than_gpus(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"has {gpus + 1} shard line(s) but this host has {gpus} GPU(s)" in done.stderr
     assert not (tmp_path / "out" / "logs" / "gpu0-server.log").exists()  # no server was started
+
+
+def test_merge_replaces_rows_by_name_but_keeps_one_runs_baseline(first_run, tmp_path):
+    import dataclasses
+
+    from perf.sweep import read_rows, write_rows
+
+    output, _ = first_run
+    measured = {row.name: row for row in read_rows(output / "results.csv")}
+    run = json.loads((output / "environment.json").read_text())["runs"][0]
+    later = {name: dataclasses.replace(measured[name], **{column: getattr(measured[name], column) + 1.0
+                                                        for column in TIME_COLUMNS.values()})
+             for name in ("bf16", "fp16", "bf16-fbcache-0.3")}  # measured again, a second slower
+    for folder, rows, date in ((tmp_path / "a", [measured[n] for n in ("bf16", "bf16 (direct)", "fp16")], "1"),
+                               (tmp_path / "b", list(later.values()), "2")):
+        folder.mkdir()
+        write_rows(folder / "results.csv", rows)
+        (folder / "environment.json").write_text(json.dumps({"runs": [{**run, "date": run["date"] + date}]}))
+
+    def merge(*args: str) -> dict[str, float]:
+        done = subprocess.run([sys.executable, "-m", "perf.merge", str(tmp_path / "dest"), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {row["name"]: float(row["p50_s"]) for row in csv_rows(tmp_path / "dest")}
+
+    merged = merge(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert list(merged) == ["fp16", "bf16", "bf16 (direct)", "bf16-fbcache-0.3"]  # catalog order
+    assert merged["bf16"] == measured["bf16"].p50_s  # the first folder's baseline, not b's
+    assert merged["fp16"] == later["fp16"].p50_s and merged["bf16-fbcache-0.3"] == later["bf16-fbcache-0.3"].p50_s
+    assert [row["Optimization Technique"] for row in markdown_rows(tmp_path / "dest")] == list(merged)
+    assert len(json.loads((tmp_path / "dest" / "environment.json").read_text())["runs"]) == 2
+    assert merge(str(tmp_path / "b"))["bf16"] == measured["bf16"].p50_s  # the destination's baseline stays
+    rebased = merge(str(tmp_path / "b"), "--baseline-from", str(tmp_path / "b"))
+    assert rebased["bf16"] == later["bf16"].p50_s and "bf16 (direct)" not in rebased
+
+
+def test_merge_refuses_a_folder_that_is_not_a_sweep(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, "-m", "perf.merge", str(tmp_path / "dest"), str(tmp_path / "empty")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a sweep folder: no results.csv or environment.json" in done.stderr
+    assert not (tmp_path / "dest").exists()
