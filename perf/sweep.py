@@ -109,6 +109,8 @@ class Row:
     compute_s: float | None  # Triton's mean compute time per request (server rows)
     model_s: float | None  # mean time in the model's request handler (INFO.latency_ms); the rest is serving
     denoise_s: float | None  # mean time of the denoising loop alone (INFO.timings_ms), to split model from overhead
+    text_encode_s: float | None  # mean time of the text encoders (INFO.timings_ms; results.csv only)
+    vae_decode_s: float | None  # mean time of the VAE's decoding: with text_encode_s, most of what the loop leaves
     peak_memory_gib: float | None
     psnr_db: float | None  # reference image vs the baseline's: numerical deviation, not quality
     image: str
@@ -420,6 +422,11 @@ def release_memory() -> None:
 # ---------------------------------------------------------------- rows and reports
 
 
+def mean_timing_s(results: list[GenerateResult], phase: str) -> float:
+    """Mean of one phase of the model's own timings (INFO.timings_ms), in seconds."""
+    return float(np.mean([result.info["timings_ms"][phase] for result in results])) / 1000
+
+
 def make_row(name: str, mode: str, config: Config, measurement: Measurement, folder: Path, baseline: str) -> Row:
     """Summarise a measurement; save its reference image and compare it with the baseline's, if there is one."""
     images = folder / "images"
@@ -440,7 +447,8 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
         steps_computed=float(np.mean([result.steps_computed for result in results])),
         load_s=measurement.load_s, second_load_s=measurement.second_load_s, queue_s=measurement.queue_s,
         compute_s=measurement.compute_s, model_s=float(np.mean([result.info["latency_ms"] for result in results])) / 1000,
-        denoise_s=float(np.mean([result.info["timings_ms"]["denoise"] for result in results])) / 1000,
+        denoise_s=mean_timing_s(results, "denoise"), text_encode_s=mean_timing_s(results, "text_encode"),
+        vae_decode_s=mean_timing_s(results, "vae_decode"),
         peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
         image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
         attention_kernel=info["attention_kernel"], cudnn_version=info.get("cudnn_version"),

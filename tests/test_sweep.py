@@ -74,6 +74,8 @@ def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run)
         assert row["cudnn_version"] == ""  # no GPU: no cuDNN
         # the loop, inside the model's handler, inside the request's latency
         assert 0 < float(row["denoise_s"]) < float(row["model_s"]) < float(row["average_s"])
+        phases = sum(float(row[phase]) for phase in ("text_encode_s", "denoise_s", "vae_decode_s"))
+        assert float(row["text_encode_s"]) > 0 and float(row["vae_decode_s"]) > 0 and phases < float(row["model_s"])
     for index in SERVED:  # through the server: Triton's own statistics
         row = rows[index]
         assert row["mode"] == "server"
