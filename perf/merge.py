@@ -13,12 +13,11 @@ environment.json gains the sources' runs, and results.md and latency.png are wri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from fluxserve.stacks import CATALOG
-from perf.sweep import DIRECT_SUFFIX, Row, read_rows, write_reports, write_rows
+from perf.sweep import DIRECT_SUFFIX, Row, read_rows, read_runs, write_reports, write_rows, write_runs
 
 CATALOG_ORDER = {stack.name: index for index, stack in enumerate(CATALOG)}
 
@@ -49,11 +48,7 @@ def merge_rows(dest: list[Row], sources: list[list[Row]], baseline: str, baselin
 
 def merge_runs(folders: list[Path]) -> list[dict]:
     """Every run of every folder's environment.json, once each, by date."""
-    runs = {}
-    for folder in folders:
-        path = folder / "environment.json"
-        for run in json.loads(path.read_text())["runs"] if path.exists() else ():
-            runs[(run["command"], run["date"])] = run
+    runs = {(run["command"], run["date"]): run for folder in folders for run in read_runs(folder)}
     return sorted(runs.values(), key=lambda run: run["date"])
 
 
@@ -83,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = merge_runs([args.dest, *args.sources])
     args.dest.mkdir(parents=True, exist_ok=True)
     write_rows(args.dest / "results.csv", rows)
-    (args.dest / "environment.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    write_runs(args.dest, runs)
     config = next((row.config for row in rows if row.name == args.baseline), rows[0].config if rows else None)
     if config is not None:
         write_reports(args.dest, config, args.baseline, runs[-1])

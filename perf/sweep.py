@@ -201,11 +201,19 @@ def environment(argv: list[str], server_version: str, gpu: str | None) -> dict:
     }
 
 
+def read_runs(folder: Path) -> list[dict]:
+    """The runs recorded in a results folder's environment.json, none if it has none."""
+    path = folder / "environment.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def write_runs(folder: Path, runs: list[dict]) -> None:
+    (folder / "environment.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+
 def record_environment(folder: Path, run: dict) -> None:
     """Append this run to environment.json (rows of one results.csv may come from several runs)."""
-    path = folder / "environment.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    path.write_text(json.dumps({"runs": [*runs, run]}, indent=2) + "\n")
+    write_runs(folder, [*read_runs(folder), run])
 
 
 def read_rows(path: Path) -> list[Row]:
