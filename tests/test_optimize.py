@@ -104,3 +104,23 @@ def test_quantized_linear_diagnostic_times_each_quantization_or_says_why_it_cann
     assert set(matmul_ms) == {"torchao_safe_int_mm", "int_mm_column_major", "int_mm_row_major", "float32_mm"}
     assert all(isinstance(ms, float) and ms > 0 for ms in matmul_ms.values()), matmul_ms
     assert "compute capability" in reports["fp8"]["error"]  # torchao's own check, on this CPU-only machine
+
+
+def test_step_cost_diagnostic_times_computed_and_skipped_forwards_apart():
+    done = subprocess.run(
+        [sys.executable, "-m", "perf.diagnostics.step_cost", "--stacks", "bf16-taylorseer-interval3",
+         "--weights", "synthetic:tiny", "--size", "64", "--steps", "8", "--requests", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["stack"] == "bf16-taylorseer-interval3"
+    assert report["computed"] + report["skipped"] == 2 * 8 and report["computed"] > 0 and report["skipped"] > 0
+    assert 0 < report["skipped_ms_median"] < report["computed_ms_median"]
+    assert report["skipped_vs_computed"] == round(report["skipped_ms_median"] / report["computed_ms_median"], 4)
+
+
+def test_step_cost_diagnostic_refuses_a_stack_without_a_step_cache():
+    done = subprocess.run([sys.executable, "-m", "perf.diagnostics.step_cost", "--stacks", "bf16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a step-cache stack: bf16; allowed: " in done.stderr
