@@ -16,20 +16,17 @@ import time
 
 import torch
 
-from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
-from fluxserve.weights import ENV_VAR, parse_source
+from fluxserve.weights import parse_source
+from perf.diagnostics.in_process import add_request_arguments, request_from
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.compile_load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", required=True, choices=sorted(catalog_by_name()), metavar="STACK")
-    parser.add_argument("--weights", default=os.environ.get(ENV_VAR, "synthetic:full"))
-    parser.add_argument("--size", type=int, default=1024, help="image height and width (default 1024)")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--requests", type=int, default=3, help="timed requests after the load (default 3)")
+    add_request_arguments(parser, requests=3)
     return parser.parse_args(argv)
 
 
@@ -37,8 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stack = catalog_by_name()[args.stack]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    request = GenerationRequest(prompt="a lighthouse on a cliff at dusk", seed=0, steps=args.steps, guidance=3.5,
-                                height=args.size, width=args.size)
+    request = request_from(args)
     started = time.perf_counter()
     pipeline = build_pipeline(stack, parse_source(args.weights), device, warm_up=request)
     load_s = time.perf_counter() - started

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
 
@@ -23,7 +22,8 @@ import torch
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import StackPipeline, build_pipeline, finished_time
 from fluxserve.stacks import catalog_by_name
-from fluxserve.weights import ENV_VAR, parse_source
+from fluxserve.weights import parse_source
+from perf.diagnostics.in_process import add_request_arguments, request_from
 
 CACHE_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.cache != "none")
 
@@ -42,10 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stacks", type=stack_names, required=True, metavar="STACK,...",
                         help="step-cache stacks of the catalog")
-    parser.add_argument("--weights", default=os.environ.get(ENV_VAR, "synthetic:full"))
-    parser.add_argument("--size", type=int, default=1024, help="image height and width (default 1024)")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--requests", type=int, default=2, help="timed requests after the warm-up (default 2)")
+    add_request_arguments(parser, requests=2)
     return parser.parse_args(argv)
 
 
@@ -72,7 +69,7 @@ def forward_times_ms(pipeline: StackPipeline, request: GenerationRequest, reques
     return times
 
 
-def median_ms(values: list[float]) -> float | None:
+def rounded_median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
@@ -80,14 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = parse_source(args.weights)
-    request = GenerationRequest(prompt="a lighthouse on a cliff at dusk", seed=0, steps=args.steps, guidance=3.5,
-                                height=args.size, width=args.size)
+    request = request_from(args)
     for name in args.stacks:
         started = time.perf_counter()
         pipeline = build_pipeline(catalog_by_name()[name], weights, device, warm_up=request)
         load_s = time.perf_counter() - started
         times = forward_times_ms(pipeline, request, args.requests)
-        computed, skipped = median_ms(times["computed"]), median_ms(times["skipped"])
+        computed, skipped = rounded_median(times["computed"]), rounded_median(times["skipped"])
         print(json.dumps({
             "stack": name, "device": pipeline.device_name, "requests": args.requests, "steps": args.steps,
             "computed": len(times["computed"]), "skipped": len(times["skipped"]),
