@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -124,3 +125,44 @@ def test_step_cost_diagnostic_refuses_a_stack_without_a_step_cache():
     done = subprocess.run([sys.executable, "-m", "perf.diagnostics.step_cost", "--stacks", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not a step-cache stack: bf16; allowed: " in done.stderr
+
+
+# --- host reads in the denoising loop -------------------------------------------------------------------------
+# On a GPU every read of a tensor's value into Python (.item(), bool(), .tolist(), .cpu(), ...) waits for all the
+# work queued before it, so the host stops running ahead of the device. Seen from Python on CPU: a torch function
+# mode records each such call during the loop (syncs inside C++ kernels are out of its sight).
+HOST_READS = {"item", "__bool__", "tolist", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_per_request(stack: Stack, steps: int) -> list[str]:
+    request = GenerationRequest(prompt="a lighthouse", seed=0, steps=steps, guidance=3.5, height=64, width=64)
+    pipeline = build_pipeline(stack, parse_source("synthetic:tiny"), torch.device("cpu"), request)
+    embeddings = pipeline._encode(request.prompt)
+    with torch.inference_mode(), HostReads() as reads:
+        pipeline._denoise(embeddings, request, should_stop=None)
+    return reads.calls
+
+
+@pytest.mark.parametrize("stack", [Stack(), Stack(dtype="fp16"), Stack(fuse_qkv=True)], ids=lambda s: s.name)
+def test_an_uncached_denoising_loop_reads_nothing_back_from_the_device(stack):
+    assert host_reads_per_request(stack, steps=4) == []
+
+
+@pytest.mark.parametrize("stack", [
+    Stack(cache="fbcache", cache_threshold=0.3), Stack(cache="teacache", cache_threshold=0.4),
+    Stack(cache="magcache", cache_threshold=0.06), Stack(cache="taylorseer", cache_interval=3),
+], ids=lambda s: s.name)
+def test_a_step_cache_reads_back_at_most_its_one_decision_per_step(stack):
+    reads = host_reads_per_request(stack, steps=4)
+    assert len(reads) <= 4 and set(reads) <= {"item", "__bool__"}, reads
