@@ -196,11 +196,11 @@ def test_gpu_sweep_refuses_a_plan_with_more_shards_than_gpus(tmp_path):
 def test_merge_replaces_rows_by_name_but_keeps_one_runs_baseline(first_run, tmp_path):
     import dataclasses
 
-    from perf.sweep import read_rows, write_rows
+    from perf.sweep import read_rows, read_runs, write_rows, write_runs
 
     output, _ = first_run
     measured = {row.name: row for row in read_rows(output / "results.csv")}
-    run = json.loads((output / "environment.json").read_text())["runs"][0]
+    run = read_runs(output)[0]
     later = {name: dataclasses.replace(measured[name], **{column: getattr(measured[name], column) + 1.0
                                                         for column in TIME_COLUMNS.values()})
              for name in ("bf16", "fp16", "bf16-fbcache-0.3")}  # measured again, a second slower
@@ -208,7 +208,8 @@ def test_merge_replaces_rows_by_name_but_keeps_one_runs_baseline(first_run, tmp_
                                (tmp_path / "b", list(later.values()), "2")):
         folder.mkdir()
         write_rows(folder / "results.csv", rows)
-        (folder / "environment.json").write_text(json.dumps({"runs": [{**run, "date": run["date"] + date}]}))
+        write_runs(folder, [{**run, "date": run["date"] + date}])
+    later = {row.name: row for row in read_rows(tmp_path / "b" / "results.csv")}  # as results.csv rounds them
 
     def merge(*args: str) -> dict[str, float]:
         done = subprocess.run([sys.executable, "-m", "perf.merge", str(tmp_path / "dest"), *args], cwd=ROOT,
@@ -221,7 +222,7 @@ def test_merge_replaces_rows_by_name_but_keeps_one_runs_baseline(first_run, tmp_
     assert merged["bf16"] == measured["bf16"].p50_s  # the first folder's baseline, not b's
     assert merged["fp16"] == later["fp16"].p50_s and merged["bf16-fbcache-0.3"] == later["bf16-fbcache-0.3"].p50_s
     assert [row["Optimization Technique"] for row in markdown_rows(tmp_path / "dest")] == list(merged)
-    assert len(json.loads((tmp_path / "dest" / "environment.json").read_text())["runs"]) == 2
+    assert len(read_runs(tmp_path / "dest")) == 2
     assert merge(str(tmp_path / "b"))["bf16"] == measured["bf16"].p50_s  # the destination's baseline stays
     rebased = merge(str(tmp_path / "b"), "--baseline-from", str(tmp_path / "b"))
     assert rebased["bf16"] == later["bf16"].p50_s and "bf16 (direct)" not in rebased
