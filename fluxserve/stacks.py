@@ -16,8 +16,17 @@ THRESHOLD_CACHES = ("fbcache", "teacache", "magcache")  # skip while a measured 
 INTERVAL_CACHES = ("taylorseer",)  # compute one step in every `cache_interval`, forecast the others
 QUANTIZATIONS = ("none", "fp8", "fp8row", "int8")
 COMPILES = ("none", "regional", "full")
+PARALLELS = ("none", "ulysses", "ring")  # context parallelism: one image's tokens split over several GPUs
+# Caches that decide from the activations: under context parallelism each rank holds only its share of the tokens,
+# so ranks would decide differently and fall out of step. TaylorSeer (interval) and MagCache (calibrated ratios)
+# decide from the step number alone.
+ACTIVATION_DECIDED_CACHES = ("fbcache", "teacache")
+# Ring attention merges partial results with the attention kernel's log-sum-exp, which diffusers' `native` backend
+# does not return.
+RING_ATTENTIONS = ("fa2", "cudnn")
 
 ATTENTION_LABELS = {"sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention"}
+PARALLEL_LABELS = {"ulysses": "Ulysses", "ring": "ring"}
 QUANTIZATION_LABELS = {
     "fp8": "torchao fp8 dynamic per-tensor",
     "fp8row": "torchao fp8 dynamic per-row",
@@ -43,12 +52,14 @@ class Stack:
     fuse_qkv: bool = False
     compile: str = "none"
     cuda_graph: bool = False
+    parallel: str = "none"
+    parallel_degree: int = 1
     seed_row: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         for field, allowed in (
             ("dtype", DTYPES), ("attention", ATTENTIONS), ("cache", CACHES),
-            ("quantization", QUANTIZATIONS), ("compile", COMPILES),
+            ("quantization", QUANTIZATIONS), ("compile", COMPILES), ("parallel", PARALLELS),
         ):
             value = getattr(self, field)
             if value not in allowed:
@@ -76,6 +87,29 @@ class Stack:
                 "cuda_graph cannot be combined with a step cache: the cache decides on the host, per step, "
                 "whether to run the blocks, and a CUDA graph replays fixed work"
             )
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        if self.parallel == "none":
+            if self.parallel_degree != 1:
+                raise StackError(f"stack field 'parallel_degree' is {self.parallel_degree} but parallel is 'none'")
+            return
+        if self.parallel_degree < 2:
+            raise StackError(f"stack field 'parallel_degree' must be >= 2 with parallel '{self.parallel}', "
+                             f"got {self.parallel_degree}")
+        if self.cache in ACTIVATION_DECIDED_CACHES:
+            raise StackError(
+                f"cache '{self.cache}' cannot run context parallel: it decides from activations, of which each GPU "
+                "holds only its share, so the GPUs would decide differently; use taylorseer or magcache"
+            )
+        if self.parallel == "ring" and self.attention not in RING_ATTENTIONS:
+            raise StackError(f"parallel 'ring' needs attention {' or '.join(RING_ATTENTIONS)} (it merges partial "
+                             f"results with the kernel's log-sum-exp); attention is '{self.attention}'")
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one instance of the stack uses (1, or the context-parallel degree)."""
+        return self.parallel_degree
 
     @property
     def name(self) -> str:
@@ -95,6 +129,8 @@ class Stack:
             parts.append(f"compile-{self.compile}")
         if self.cuda_graph:
             parts.append("cudagraph")
+        if self.parallel != "none":
+            parts.append(f"{'cp' if self.parallel == 'ulysses' else 'ring'}{self.parallel_degree}")
         return "-".join(parts)
 
     @property
@@ -113,6 +149,8 @@ class Stack:
             parts.append(f"torch.compile ({self.compile})")
         if self.cuda_graph:
             parts.append("CUDA graph per step")
+        if self.parallel != "none":
+            parts.append(f"context parallel over {self.parallel_degree} GPUs ({PARALLEL_LABELS[self.parallel]})")
         return ", ".join(parts)
 
     def to_parameters(self) -> dict[str, str]:
@@ -204,6 +242,15 @@ CATALOG: tuple[Stack, ...] = (
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8", fuse_qkv=True, compile="regional", cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional", cuda_graph=True),
+    # One image over several GPUs (context parallelism, diffusers' own): bf16 eager, the fastest uncached stack
+    # with and without its CUDA graph, a step cache, and ring attention beside Ulysses to compare.
+    *(Stack(parallel="ulysses", parallel_degree=gpus) for gpus in (2, 4, 8)),
+    *(Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional", cuda_graph=True,
+            parallel="ulysses", parallel_degree=gpus) for gpus in (2, 4, 8)),
+    *(Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional", parallel="ulysses",
+            parallel_degree=gpus) for gpus in (2, 4)),
+    *(Stack(cache="taylorseer", cache_interval=5, parallel="ulysses", parallel_degree=gpus) for gpus in (2, 4)),
+    *(Stack(attention="cudnn", parallel="ring", parallel_degree=gpus) for gpus in (2, 4)),
 )
 
 DEFAULT_STACK = "bf16"
