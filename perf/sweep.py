@@ -387,16 +387,16 @@ def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[
     requests, one at a time. The model is dropped on return; `release_memory` then gives its GPU memory back."""
     import torch
 
-    from fluxserve.serving import StackService
+    from fluxserve.serving import StackService, instance_devices
 
     stack = catalog_by_name().get(stack_name)
     if stack is None:
         raise ValueError(f"--direct takes catalog stacks; {stack_name!r} is not one")
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    progress(label, f"building in-process on {device} (weights {weights})")
+    parameters = {**stack.to_parameters(), "weights": weights}
+    devices = instance_devices("GPU" if torch.cuda.is_available() else "CPU", 0, parameters)
+    progress(label, f"building in-process on {', '.join(map(str, devices))} (weights {weights})")
     started = time.perf_counter()
-    service = StackService(stack_name, {**stack.to_parameters(), "weights": weights}, device,
-                           notify=lambda message: progress(label, message))
+    service = StackService(stack_name, parameters, devices, notify=lambda message: progress(label, message))
     load_s = time.perf_counter() - started
     progress(label, f"built in {load_s:.1f} s")
     generate = in_process_generate(service)
