@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
-from .repository import REPOSITORY
-from .stacks import DEFAULT_STACK
+from .placement import PlacementError, parse_gpus
+from .repository import PARAMETER_LINE, REPOSITORY, placed_repository
+from .stacks import DEFAULT_STACK, Stack
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
 
@@ -28,6 +29,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
 BACKEND_CACHE = CACHE_HOME / "backends"
+PLACED_REPOSITORIES = CACHE_HOME / "repositories"  # copies of a repository with models placed by --gpus
 # torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -163,6 +165,24 @@ def resolve_weights(spec: str | None) -> str:
     return str(source)
 
 
+def place_models(repository: Path, specs: list[str]) -> Path:
+    """The repository to serve: `repository` itself, or a copy with the models of `--gpus MODEL=SPEC` placed."""
+    if not specs:
+        return repository
+    placements = {}
+    for spec in specs:
+        model, _, gpus = spec.partition("=")
+        config = repository / model / "config.pbtxt"
+        if not gpus or not config.is_file():
+            raise SystemExit(f"--gpus {spec}: expected MODEL=GPUS with MODEL in {repository}")
+        try:
+            stack = Stack.from_parameters(dict(PARAMETER_LINE.findall(config.read_text())))
+            placements[model] = parse_gpus(gpus, stack.gpus, model)
+        except (PlacementError, ValueError) as exc:
+            raise SystemExit(str(exc)) from None
+    return placed_repository(repository, placements, PLACED_REPOSITORIES)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_STACK, help=f"comma-separated stacks to load (default {DEFAULT_STACK}); '' loads none")
@@ -173,18 +193,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--warmup-size", type=int, help=f"square size of the warm-up generation (default: the models' default size; sets {WARMUP_SIZE_ENV})")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument("--gpus", action="append", default=[], metavar="MODEL=GPUS",
+                        help="place MODEL's instances (repeatable): instances separated by commas, each a GPU id, a "
+                             "range a-b or a list a+b of as many GPUs as the stack uses, e.g. --gpus bf16=0,1 --gpus "
+                             "bf16-cp2=2-3,4-5 (default: a one-GPU stack on every GPU, a multi-GPU stack on 0..N-1)")
     parser.add_argument("--exit-timeout", type=int, default=120, help="seconds in-flight requests get to finish on shutdown (default 120)")
     parser.add_argument("--open-admin-api", action="store_true", help=f"allow a non-loopback address without {ADMIN_KEY_ENV}")
     parser.add_argument("tritonserver_args", nargs="*", help="further tritonserver flags, after --")
     args = parser.parse_args(argv)
     admin_key = os.environ.get(ADMIN_KEY_ENV) or None
     check_admin_exposure(args.address, admin_key, args.open_admin_api)
+    repository = place_models(args.repository, args.gpus)
     install = find_triton()
     models = [model for model in args.models.split(",") if model]
     env = server_environment(install, resolve_weights(args.weights))
     if args.warmup_size:
         env[WARMUP_SIZE_ENV] = str(args.warmup_size)
-    command = server_command(install, models, args.repository, args.address, args.http_port, args.grpc_port,
+    command = server_command(install, models, repository, args.address, args.http_port, args.grpc_port,
                              args.metrics_port, admin_key, args.exit_timeout, args.tritonserver_args)
     shown = [part.replace(admin_key, "***") if admin_key else part for part in command]
     print("fluxserve: " + " ".join(shown), file=sys.stderr, flush=True)

@@ -52,6 +52,13 @@ def test_stack_round_trips_through_config_parameters():
         ({"cache": "fbcache", "cache_threshold": 0.2, "compile": "full"}, ["regional"]),
         ({"cache": "teacache", "cache_threshold": 0.6, "cuda_graph": True}, ["cuda_graph", "step cache"]),
         ({"compile": "full", "cuda_graph": True}, ["cuda_graph", "regional"]),
+        ({"parallel": "tensor", "parallel_degree": 2}, ["parallel", "ulysses, ring"]),
+        ({"parallel": "ulysses"}, ["parallel_degree", ">= 2"]),
+        ({"parallel_degree": 2}, ["parallel_degree", "'none'"]),
+        ({"parallel": "ulysses", "parallel_degree": 2, "cache": "teacache", "cache_threshold": 0.6},
+         ["teacache", "activations", "taylorseer"]),
+        ({"parallel": "ulysses", "parallel_degree": 4, "cache": "fbcache", "cache_threshold": 0.3}, ["fbcache"]),
+        ({"parallel": "ring", "parallel_degree": 2}, ["ring", "fa2 or cudnn", "sdpa"]),
     ],
 )
 def test_invalid_stacks_fail_with_a_clear_message(fields, words):
@@ -142,3 +149,13 @@ def test_the_four_gpu_plans_cover_every_one_gpu_stack():
     planned = {name for kind in ("eager", "compile") for line in plan_lines(ROOT / f"perf/plans/h200-x4-{kind}.txt")
                for name in line["stacks"]}
     assert planned == {name for name, stack in catalog_by_name().items() if stack.gpus == 1}
+
+
+def test_context_parallel_stacks_split_flux_dev_evenly():
+    from fluxserve.synthetic import FULL
+
+    heads = FULL["transformer"]["num_attention_heads"]
+    parallel = [stack for stack in CATALOG if stack.gpus > 1]
+    assert {stack.gpus for stack in parallel} == {2, 4, 8} and {stack.parallel for stack in parallel} == {"ulysses", "ring"}
+    for stack in parallel:
+        assert heads % stack.gpus == 0 and (1024 // 16) ** 2 % stack.gpus == 0 and 512 % stack.gpus == 0, stack.name
