@@ -8,10 +8,13 @@ Python. Binds to 127.0.0.1 unless told otherwise. Usage: python -m fluxserve.ser
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
 import sysconfig
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,17 +54,87 @@ def _wheel_install() -> TritonInstall:
         raise SystemExit("no tritonserver found: install nvidia-pytriton or run inside the NGC Triton image") from None
     wheel = Path(pytriton.__file__).resolve().parent / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = backend_directory(wheel, version, BACKEND_CACHE / version)
+    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), str(libpython_directory(BACKEND_CACHE / version))]
+    return TritonInstall(wheel / "bin" / "tritonserver", backend, libraries)
+
+
+def backend_directory(wheel: Path, version: str, folder: Path) -> Path:
+    """A backend directory (`python/`: the wheel's Python backend plus the stub for Python `version`) under
+    `folder`, named after the content of those files.
+
+    `folder` is shared by every checkout and environment of the user, and a running server maps these files
+    (the stub is the executable of every model process, libtriton_python.so is loaded into the server):
+    overwriting them crashes it. So a directory is never changed once made: other files get another directory,
+    the same files reuse the existing one."""
     stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise SystemExit(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
-    backend = BACKEND_CACHE / version / "python"
-    backend.mkdir(parents=True, exist_ok=True)
-    for source in (*(wheel / "backends" / "python").iterdir(), stub):
-        target = backend / source.name
-        if source.is_file() and (not target.exists() or target.stat().st_mtime < source.stat().st_mtime):
-            shutil.copy2(source, target)
-    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), str(libpython_directory(BACKEND_CACHE / version))]
-    return TritonInstall(wheel / "bin" / "tritonserver", backend.parent, libraries)
+    files = [path for path in (wheel / "backends" / "python").iterdir() if path.is_file()] + [stub]
+
+    def fill(directory: Path) -> None:
+        (directory / "python").mkdir()
+        for source in files:
+            shutil.copy2(source, directory / "python" / source.name)
+
+    def rekey(directory: Path) -> str:
+        return content_key([path for path in (directory / "python").iterdir() if path.is_file()])
+
+    return content_keyed_directory(folder, "backend", content_key(files), fill, rekey)
+
+
+def content_key(files: list[Path]) -> str:
+    """A digest of the files' names, executable bits and bytes (not their times: a reinstall of the same wheel
+    is the same backend)."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda path: path.name):
+        status = path.stat()
+        digest.update(f"{path.name}\0{bool(status.st_mode & 0o111)}\0{status.st_size}\0".encode())
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+PARTIAL = ".partial-"  # directories being written; never used, and removed once stale
+STALE_PARTIAL_S = 24 * 3600
+
+
+def content_keyed_directory(folder: Path, prefix: str, key: str, fill, rekey=None) -> Path:
+    """`folder/<prefix>-<key>`, made once and then only read: written by `fill` into a temporary directory and
+    renamed into place (atomic), so a server never sees it half-written and a launcher beside it never writes
+    into it; an existing one is reused as is. `rekey`, if given, computes the key again from the filled
+    directory (its sources may have changed while being copied), so that the name always matches the content."""
+    final = folder / f"{prefix}-{key}"
+    if final.is_dir():
+        return final
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(folder)
+    staged = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{prefix}-", dir=folder))
+    try:
+        fill(staged)
+        if rekey is not None:
+            final = folder / f"{prefix}-{rekey(staged)}"
+        staged.chmod(0o755)  # mkdtemp makes it 0700: the server may run as another user of the same cache
+        try:
+            os.rename(staged, final)
+        except OSError:
+            if not final.is_dir():  # not a launcher beside us having made the same directory first
+                raise
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    return final
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Temporary directories of launchers that died while writing them (none is ever used by a server)."""
+    for path in folder.glob(f"{PARTIAL}*"):
+        try:
+            if time.time() - path.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def libpython_directory(folder: Path) -> Path:
@@ -69,21 +142,15 @@ def libpython_directory(folder: Path) -> Path:
 
     Not the interpreter's LIBDIR itself: on Debian and Ubuntu that is /usr/lib/x86_64-linux-gnu, and on
     LD_LIBRARY_PATH it outranks the RUNPATH through which torch finds its own cuDNN, cuBLAS and NCCL, so a
-    system cuDNN there would silently replace torch's in the model processes."""
+    system cuDNN there would silently replace torch's in the model processes. Named after the link's target,
+    like the backend directory, so that no launcher of another Python replaces it under a running server."""
     name = sysconfig.get_config_var("INSTSONAME") or ""
     library = Path(sysconfig.get_config_var("LIBDIR") or "") / name
     if not name.startswith("libpython") or not name.endswith((".so", ".so.1.0")) or not library.is_file():
         raise SystemExit(f"the Python backend stub needs this Python's shared library, {library}: not found "
                          f"(a Python built with --enable-shared, e.g. the distribution's libpython package)")
-    directory = folder / "lib"
-    directory.mkdir(parents=True, exist_ok=True)
-    link = directory / name
-    if not link.exists() or link.resolve() != library.resolve():
-        staged = directory / f".{name}.{os.getpid()}"  # renamed into place: launchers may run side by side
-        staged.unlink(missing_ok=True)
-        staged.symlink_to(library)
-        staged.replace(link)
-    return directory
+    key = hashlib.sha256(f"{name}\0{library}".encode()).hexdigest()[:16]
+    return content_keyed_directory(folder, "lib", key, lambda directory: (directory / name).symlink_to(library))
 
 
 def find_triton() -> TritonInstall:
