@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
-import os
 import re
 import shutil
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 from .contract import INPUTS, OUTPUTS, Limits
 from .placement import GPU_GROUPS_PARAMETER, Placement, PlacementError, check_placement, format_groups, instance_group
+from .shared_dirs import content_keyed_directory
 from .stacks import CATALOG, Stack
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -126,8 +126,8 @@ def place_config(text: str, model: str, placement: Placement) -> str:
 
 def placed_repository(source: Path, placements: dict[str, Placement], parent: Path) -> Path:
     """A copy of the repository `source` with the placed models' instances on their GPUs, under `parent` in a
-    folder named by its content: launchers with the same placement share it, and a folder is complete before it
-    gets its name (written aside, then renamed), so nothing in it changes under a running server."""
+    folder named by its content (`shared_dirs`): launchers with the same placement share it, and nothing in it
+    changes under a running server."""
     files: dict[str, bytes] = {}
     for path in sorted(source.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
@@ -140,19 +140,13 @@ def placed_repository(source: Path, placements: dict[str, Placement], parent: Pa
     digest = hashlib.sha256()
     for name, data in files.items():
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    target = parent / digest.hexdigest()[:16]
-    if target.is_dir():
-        return target
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    for name, data in files.items():
-        (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        (staging / name).write_bytes(data)
-    try:
-        os.rename(staging, target)
-    except OSError:  # another launcher placed the same content first
-        shutil.rmtree(staging)
-    return target
+
+    def fill(directory: Path) -> None:
+        for name, data in files.items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(data)
+
+    return content_keyed_directory(parent, "placed", digest.hexdigest()[:16], fill)
 
 
 def write_repository(root: Path) -> None:

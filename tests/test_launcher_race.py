@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from conftest import make_inputs, start_server
-from fluxserve import serve
+from fluxserve import serve, shared_dirs
 
 VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -82,13 +82,13 @@ def test_a_half_written_directory_is_never_used(tmp_path, monkeypatch):
     assert list(cache.iterdir()) == []  # its temporary directory is gone, and nothing took the final name
     monkeypatch.undo()
     # a launcher killed outright leaves its temporary directory behind: it is never taken for the backend
-    leftover = cache / f"{serve.PARTIAL}backend-killed"
+    leftover = cache / f"{shared_dirs.PARTIAL}backend-killed"
     (leftover / "python").mkdir(parents=True)
     (leftover / "python" / "libtriton_python.so").write_bytes(b"half")
     made = serve.backend_directory(wheel, VERSION, cache)
     assert made.name.startswith("backend-") and len(list((made / "python").iterdir())) == 3
     assert leftover.exists()  # young: another launcher may still be writing it
-    old = time.time() - serve.STALE_PARTIAL_S - 60
+    old = time.time() - shared_dirs.STALE_PARTIAL_S - 60
     os.utime(leftover, (old, old))
     shutil.rmtree(made)
     serve.backend_directory(wheel, VERSION, cache)

@@ -89,7 +89,7 @@ def test_the_launcher_serves_a_content_named_copy_that_never_changes(tmp_path, m
     assert (first / "bf16" / "1" / "model.py").is_file()
     other = place_models(source, ["bf16=1"])
     assert other != first and "gpus: [ 0, 1 ]" in (first / "bf16" / "config.pbtxt").read_text()
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # nothing half-written left
     assert place_models(source, []) == source
     with pytest.raises(SystemExit, match="takes 2 GPU"):
         place_models(source, ["bf16-cp2=0,1"])
