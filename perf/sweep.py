@@ -104,6 +104,7 @@ class Row:
     p50_s: float
     p90_s: float
     p99_s: float
+    images_per_s: float | None  # measured requests / the wall time they took, at the configured concurrency
     steps_computed: float  # mean over the measured requests
     load_s: float
     second_load_s: float | None  # a second load right after the first (--reload): torch.compile's caches warm
@@ -115,6 +116,7 @@ class Row:
     vae_decode_s: float | None  # mean time of the VAE's decoding: with text_encode_s, most of what the loop leaves
     peak_memory_gib: float | None
     psnr_db: float | None  # reference image vs the baseline's: numerical deviation, not quality
+    psnr_one_gpu_db: float | None  # a multi-GPU stack's image vs the same stack's on one GPU, when measured
     image: str
     device: str
     weights: str
@@ -317,6 +319,7 @@ class Measurement:
     queue_s: float | None = None
     compute_s: float | None = None
     second_load_s: float | None = None
+    wall_s: float | None = None  # the measured requests, first sent to last answered
 
 
 def per_thread_generate(url: str, protocol: str, model: str) -> Generate:
@@ -350,7 +353,9 @@ def measure_on_server(client: FluxClient, model: str, config: Config, prompts: l
         start = client.statistics(model)
         reference = warm_up(generate, config, prompts, warmup, label)
         before = start + client.statistics_since(model, start, warmup)  # the warm-up counted, not measured
+        started = time.perf_counter()
         results = run_requests(generate, measured_requests(config, prompts), config.concurrency, label)
+        wall_s = time.perf_counter() - started
         served = client.statistics_since(model, before, len(results))
     finally:
         progress(label, "unloading")
@@ -362,7 +367,7 @@ def measure_on_server(client: FluxClient, model: str, config: Config, prompts: l
         progress(label, f"second load in {second_load_s:.1f} s; unloading")
         client.unload(model)
     return Measurement(load_s, reference, results, per_request_s(served.queue_ns, served.success),
-                       per_request_s(served.compute_ns, served.success), second_load_s)
+                       per_request_s(served.compute_ns, served.success), second_load_s, wall_s)
 
 
 def in_process_generate(service) -> Generate:
@@ -403,7 +408,9 @@ def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[
     progress(label, f"built in {load_s:.1f} s")
     generate = in_process_generate(service)
     reference = warm_up(generate, config, prompts, warmup, label)
-    return Measurement(load_s, reference, run_requests(generate, measured_requests(config, prompts), 1, label))
+    started = time.perf_counter()
+    results = run_requests(generate, measured_requests(config, prompts), 1, label)
+    return Measurement(load_s, reference, results, wall_s=time.perf_counter() - started)
 
 
 def reporting_failure(label: str, measure: Callable[..., Measurement], *args) -> Measurement | None:
@@ -446,6 +453,11 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
     deviation = None
     if baseline_path.exists():
         deviation = psnr(read_png(measurement.reference.png), read_png(baseline_path.read_bytes()))
+    one_gpu = one_gpu_counterpart(name.removesuffix(DIRECT_SUFFIX))
+    one_gpu_path = images / config.image_name(one_gpu) if one_gpu else None
+    one_gpu_deviation = None
+    if one_gpu_path is not None and one_gpu_path.exists():
+        one_gpu_deviation = psnr(read_png(measurement.reference.png), read_png(one_gpu_path.read_bytes()))
     results = measurement.results
     latency = LatencySummary.of([result.latency_s for result in results])
     peaks = [r.info["peak_memory_gib"] for r in (measurement.reference, *results)]
@@ -454,16 +466,25 @@ def make_row(name: str, mode: str, config: Config, measurement: Measurement, fol
     return Row(
         name=name, mode=mode, config=config, count=latency.count, average_s=latency.average,
         min_s=latency.min, p50_s=latency.p50, p90_s=latency.p90, p99_s=latency.p99,
+        images_per_s=len(results) / measurement.wall_s if measurement.wall_s else None,
         steps_computed=float(np.mean([result.steps_computed for result in results])),
         load_s=measurement.load_s, second_load_s=measurement.second_load_s, queue_s=measurement.queue_s,
         compute_s=measurement.compute_s, model_s=float(np.mean([result.info["latency_ms"] for result in results])) / 1000,
         denoise_s=mean_timing_s(results, "denoise"), text_encode_s=mean_timing_s(results, "text_encode"),
         vae_decode_s=mean_timing_s(results, "vae_decode"),
-        peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation,
+        peak_memory_gib=max(peaks) if peaks else None, psnr_db=deviation, psnr_one_gpu_db=one_gpu_deviation,
         image=str(image_path.relative_to(folder)), device=info["device"], weights=info["weights"],
         attention_kernel=info["attention_kernel"], cudnn_version=info.get("cudnn_version"),
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def one_gpu_counterpart(name: str) -> str | None:
+    """The one-GPU stack a multi-GPU catalog stack splits (bf16-cp2 -> bf16), whose image it should reproduce."""
+    stack = catalog_by_name().get(name)
+    if stack is None or stack.gpus == 1:
+        return None
+    return dataclasses.replace(stack, parallel="none", parallel_degree=1).name
 
 
 def _seconds(value: float | None) -> str:
@@ -481,9 +502,9 @@ def table(rows: list[Row], baseline: str) -> str:
     """The seed's table (Average, Min, P50, P90, P99 seconds) plus this project's columns."""
     base = next((row for row in rows if row.name == baseline), None)
     header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
-              "P90 Time (s)", "P99 Time (s)", "Steps computed", "Load (s)", "Second load (s)", "Triton queue (s)",
+              "P90 Time (s)", "P99 Time (s)", "Images/s", "Steps computed", "Load (s)", "Second load (s)", "Triton queue (s)",
               "Triton compute (s)", "In model (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}",
-              f"PSNR vs {baseline} (dB)", "Measured (UTC)"]
+              f"PSNR vs {baseline} (dB)", "PSNR vs one GPU (dB)", "Measured (UTC)"]
     cells = []
     for row in rows:
         speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
@@ -491,10 +512,10 @@ def table(rows: list[Row], baseline: str) -> str:
         cells.append([
             row.name, SEED_ROWS.get(row.name.removesuffix(DIRECT_SUFFIX), ""),
             *(_seconds(v) for v in (row.average_s, row.min_s, row.p50_s, row.p90_s, row.p99_s)),
-            f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}",
+            "" if row.images_per_s is None else f"{row.images_per_s:.3f}", f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}",
             "" if row.second_load_s is None else f"{row.second_load_s:.1f}", _seconds(row.queue_s),
             _seconds(row.compute_s), _seconds(row.model_s), _seconds(row.denoise_s), memory, speedup,
-            _psnr_cell(row.psnr_db), row.measured_at.replace("T", " ")[:16],
+            _psnr_cell(row.psnr_db), _psnr_cell(row.psnr_one_gpu_db), row.measured_at.replace("T", " ")[:16],
         ])
     return markdown_table(header, cells)
 
@@ -511,7 +532,8 @@ def markdown(rows: list[Row], config: Config, baseline: str, run: dict) -> str:
         + table(rows, baseline)
         + f"\nLatency is client-side, per request, in seconds. Speed-up: {baseline}'s P50 / the row's P50. "
         f"PSNR: the fixed-seed reference image against {baseline}'s (images/), a measure of numerical "
-        "deviation, not of quality (inf: identical). Triton queue and compute: the server's own mean per "
+        "deviation, not of quality (inf: identical); for a multi-GPU stack also against the same stack on one "
+        "GPU. Images/s: the measured requests over the time they took, at the row's concurrency. Triton queue and compute: the server's own mean per "
         "request. In model: the model's request handler (validation, generation, PNG), so P50 minus it is "
         "the serving overhead; Denoise: the denoising loop within it. Second load: loading the stack again "
         f"right after, compile caches warm. Rows named `<stack>{DIRECT_SUFFIX}` ran the same handler "
