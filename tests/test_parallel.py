@@ -199,3 +199,24 @@ def test_shutdown_leaves_no_worker_process(tmp_path):
     finally:
         assert server.stop() == 0
     assert wait_until(lambda: not any(alive(pid) for pid in pids), 30), "workers outlived the server"
+
+
+def test_the_step_diagnostic_splits_collectives_from_compute_on_every_rank():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "perf.diagnostics.parallel_step", "--stacks", CP2, "--device", "cpu", "--weights",
+         "synthetic:tiny", "--size", "128", "--steps", "3", "--requests", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                     key=lambda report: report["rank"])
+    assert [report["rank"] for report in reports] == [0, 1]
+    for report in reports:
+        assert report["stack"] == CP2 and report["world_size"] == 2 and report["steps_computed"] == [3]
+        assert report["step_ms"] > 0 and report["compute_ms_per_step"] > 0 and report["collective_ms_per_step"] > 0
+        assert report["text_encode_ms"] > 0  # every rank encodes the prompt
+    assert reports[0]["vae_decode_ms"] > 0 and reports[1]["vae_decode_ms"] == 0  # only rank 0 decodes
