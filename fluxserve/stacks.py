@@ -237,6 +237,13 @@ CATALOG: tuple[Stack, ...] = (
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional"),
     Stack(attention="cudnn", cache="fbcache", cache_threshold=0.3, quantization="fp8", fuse_qkv=True,
           compile="regional"),
+    # Each cache family at a setting the catalog has, on the fastest compiled stack that can skip steps (per-row fp8,
+    # regional compile; a CUDA graph replays fixed work, so none here).
+    *(Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, compile="regional", **cache) for cache in (
+        dict(cache="taylorseer", cache_interval=5), dict(cache="taylorseer", cache_interval=3),
+        dict(cache="teacache", cache_threshold=0.6), dict(cache="magcache", cache_threshold=0.24),
+        dict(cache="fbcache", cache_threshold=0.3),
+    )),
     # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
     Stack(attention="cudnn", cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, cuda_graph=True),

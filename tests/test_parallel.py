@@ -208,7 +208,7 @@ def test_the_step_diagnostic_splits_collectives_from_compute_on_every_rank():
 
     done = subprocess.run(
         [sys.executable, "-m", "perf.diagnostics.parallel_step", "--stacks", CP2, "--device", "cpu", "--weights",
-         "synthetic:tiny", "--size", "128", "--steps", "3", "--requests", "1"],
+         "synthetic:tiny", "--size", "128", "--steps", "3", "--requests", "1", "--compare"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -220,3 +220,4 @@ def test_the_step_diagnostic_splits_collectives_from_compute_on_every_rank():
         assert report["step_ms"] > 0 and report["compute_ms_per_step"] > 0 and report["collective_ms_per_step"] > 0
         assert report["text_encode_ms"] > 0  # every rank encodes the prompt
     assert reports[0]["vae_decode_ms"] > 0 and reports[1]["vae_decode_ms"] == 0  # only rank 0 decodes
+    assert reports[0]["psnr_vs_one_process_db"] >= 40 and "psnr_vs_one_process_db" not in reports[1]

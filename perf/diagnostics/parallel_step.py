@@ -4,14 +4,21 @@ Starts one process per GPU as the served model does (the same `worker.join_and_b
 warm-up), times `--requests` requests, then runs one more denoising loop under the profiler and splits the device
 time of its steps into collectives (NCCL kernels on GPUs; gloo's operators on the CPU) and everything else. A step's wall time
 above its compute is communication the GPUs waited for (not overlapped), plus host gaps. Text encoding and the
-VAE are timed too: every rank encodes the prompt, only rank 0 decodes. Prints one JSON line per stack and rank.
+VAE are timed too: every rank encodes the prompt, only rank 0 decodes. With `--compare`, rank 0 then builds the
+same stack in one process and reports the PSNR of the split image against it. Prints one JSON line per stack and
+rank.
 
-    python3 -m perf.diagnostics.parallel_step --stacks bf16-cp2,bf16-cp4
+`--one-gpu` puts every rank on GPU 0 with gloo (NCCL refuses two ranks on one GPU): a functional check of the GPU
+code path (kernels, compilation, quantization under context parallelism) on a one-GPU host; its times are not
+multi-GPU times.
+
+    python3 -m perf.diagnostics.parallel_step --stacks bf16-cp2,bf16-cp4 --compare
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,8 +28,11 @@ import torch
 
 from fluxserve.parallel.messages import Build
 from fluxserve.parallel.worker import join_and_build
+from fluxserve.pipeline import build_pipeline, release_memory
 from fluxserve.stacks import catalog_by_name
+from fluxserve.weights import parse_source
 from perf.diagnostics.in_process import add_request_arguments, request_from
+from perf.sweep import psnr
 
 MULTI_GPU_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.gpus > 1)
 COLLECTIVE_MARKERS = ("nccl", "gloo", "all_to_all", "alltoall", "all_gather", "allgather", "broadcast")
@@ -43,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stacks", type=stack_names, required=True, metavar="STACK,...",
                         help="multi-GPU stacks of the catalog")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one-gpu", action="store_true", help="every rank on GPU 0, through gloo (a functional check)")
+    parser.add_argument("--compare", action="store_true",
+                        help="rank 0 also builds the stack in one process: PSNR of the split image against it")
     add_request_arguments(parser, requests=2)
     return parser.parse_args(argv)
 
@@ -73,10 +86,10 @@ def measure(rank: int, world_size: int, stack_name: str, args: argparse.Namespac
     from torch.profiler import ProfilerActivity, profile
 
     stack = catalog_by_name()[stack_name]
-    device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
+    device = "cpu" if args.device == "cpu" else "cuda:0" if args.one_gpu else f"cuda:{rank}"
     request = request_from(args)
     pipeline = join_and_build(Build(stack.to_parameters(), args.weights, rank, world_size, device, rendezvous,
-                                    request, 1800.0))
+                                    request, 1800.0), backend="gloo" if args.one_gpu else None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     generations = [pipeline.generate(request, decode=rank == 0) for _ in range(args.requests)]
     steps = sum(generation.steps_run for generation in generations)
@@ -88,7 +101,7 @@ def measure(rank: int, world_size: int, stack_name: str, args: argparse.Namespac
              split_device_time_ms(profiler.events(), args.device == "cuda").items()}
     timings = {phase: sum(g.timings_ms.get(phase, 0.0) for g in generations) / len(generations)
                for phase in ("text_encode", "denoise", "vae_decode")}
-    return {
+    report = {
         "stack": stack_name, "rank": rank, "world_size": world_size, "device": device,
         "size": args.size, "steps": args.steps, "requests": args.requests,
         "step_ms": round(timings["denoise"] * len(generations) / steps, 3),
@@ -98,6 +111,18 @@ def measure(rank: int, world_size: int, stack_name: str, args: argparse.Namespac
         "steps_computed": [generation.steps_computed for generation in generations],
         "peak_memory_gib": pipeline.peak_memory_gib(),
     }
+    if args.compare and rank == 0:
+        report["psnr_vs_one_process_db"] = psnr_against_one_process(pipeline, stack, args, generations[0].image)
+    return report
+
+
+def psnr_against_one_process(pipeline, stack, args: argparse.Namespace, image) -> float:
+    """The same request on the same stack built without context parallelism, in this process."""
+    single = dataclasses.replace(stack, parallel="none", parallel_degree=1)
+    request = request_from(args)
+    reference = build_pipeline(single, parse_source(args.weights), pipeline.device, request).generate(request).image
+    release_memory(pipeline.device)
+    return round(psnr(image, reference), 2)
 
 
 def run_rank(rank: int, world_size: int, stack_name: str, args: argparse.Namespace, rendezvous: str) -> None:
