@@ -125,26 +125,29 @@ def place_config(text: str, model: str, placement: Placement) -> str:
 
 
 def placed_repository(source: Path, placements: dict[str, Placement], parent: Path) -> Path:
-    """A copy of the repository `source` with the placed models' instances on their GPUs, under `parent` in a
-    folder named by its content (`shared_dirs`): launchers with the same placement share it, and nothing in it
-    changes under a running server."""
-    files: dict[str, bytes] = {}
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            files[str(path.relative_to(source))] = path.read_bytes()
+    """The repository `source` with the placed models' instances on their GPUs, under `parent` in a folder named
+    by its content (`shared_dirs`): launchers with the same placement share it, and nothing in it changes under a
+    running server. Only the configs are copied; each model's version folder links back into `source`, so that its
+    model.py still finds this checkout from its own path (Triton's stub ignores PYTHONPATH)."""
+    source = source.resolve()
+    configs: dict[str, str] = {}
+    for config in sorted(source.glob("*/config.pbtxt")):
+        configs[config.parent.name] = config.read_text()
     for model, placement in placements.items():
-        key = f"{model}/config.pbtxt"
-        if key not in files:
+        if model not in configs:
             raise PlacementError(f"--gpus {model}: no such model in {source}")
-        files[key] = place_config(files[key].decode(), model, placement).encode()
-    digest = hashlib.sha256()
-    for name, data in files.items():
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        configs[model] = place_config(configs[model], model, placement)
+    digest = hashlib.sha256(str(source).encode())
+    for model, text in configs.items():
+        digest.update(f"\0{model}\0".encode() + hashlib.sha256(text.encode()).digest())
 
     def fill(directory: Path) -> None:
-        for name, data in files.items():
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            (directory / name).write_bytes(data)
+        for model, text in configs.items():
+            (directory / model).mkdir()
+            (directory / model / "config.pbtxt").write_text(text)
+            for entry in (source / model).iterdir():
+                if entry.name != "config.pbtxt":
+                    (directory / model / entry.name).symlink_to(entry)
 
     return content_keyed_directory(parent, "placed", digest.hexdigest()[:16], fill)
 

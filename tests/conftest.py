@@ -73,7 +73,8 @@ class Server:
         return self.process.returncode
 
 
-def start_server(tmp: Path, models: list[str], repository: Path | None = None, extra_args=(), env_extra=None) -> Server:
+def start_server(tmp: Path, models: list[str], repository: Path | None = None, extra_args=(), env_extra=None,
+                 cwd: Path = ROOT) -> Server:
     """Start the launcher (`python -m fluxserve.serve`) on free ports and wait until it is ready."""
     import tritonclient.http as httpclient
 
@@ -87,8 +88,10 @@ def start_server(tmp: Path, models: list[str], repository: Path | None = None, e
         command += ["--repository", str(repository)]
     command += list(extra_args)
     env = {**os.environ, "FLUXSERVE_WEIGHTS": "synthetic:tiny", **(env_extra or {})}
+    if cwd != ROOT:  # the launcher itself still runs from this checkout
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(process, *ports, log_path)
     client = httpclient.InferenceServerClient(server.http_url)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S

@@ -86,7 +86,7 @@ def test_the_launcher_serves_a_content_named_copy_that_never_changes(tmp_path, m
     assert first.parent == tmp_path and place_models(source, ["bf16-cp2=2-3", "bf16=0,1"]) == first
     assert "gpu_groups" in (first / "bf16-cp2" / "config.pbtxt").read_text()
     assert (first / "fp16" / "config.pbtxt").read_text() == (source / "fp16" / "config.pbtxt").read_text()
-    assert (first / "bf16" / "1" / "model.py").is_file()
+    assert (first / "bf16" / "1" / "model.py").resolve() == (source / "bf16" / "1" / "model.py").resolve()
     other = place_models(source, ["bf16=1"])
     assert other != first and "gpus: [ 0, 1 ]" in (first / "bf16" / "config.pbtxt").read_text()
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # nothing half-written left
@@ -95,3 +95,19 @@ def test_the_launcher_serves_a_content_named_copy_that_never_changes(tmp_path, m
         place_models(source, ["bf16-cp2=0,1"])
     with pytest.raises(PlacementError, match="no such model"):
         placed_repository(source, {"nope": ((0,),)}, tmp_path)
+
+
+def test_a_placed_copy_serves_from_anywhere(tmp_path):
+    """The model processes find fluxserve from model.py's own path (Triton's stub ignores PYTHONPATH): a copy of
+    the repository must keep that path, whatever the server's working directory. CPU here: an empty placement."""
+    from conftest import start_server
+    from test_serving import infer, output
+
+    copy = placed_repository(ROOT / "model_repository", {}, tmp_path / "placed")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = start_server(tmp_path, ["bf16"], copy, cwd=elsewhere)
+    try:
+        assert output(infer(server, "bf16", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
+    finally:
+        server.stop()
