@@ -192,7 +192,7 @@ PROFILES: tuple[GpuProfile, ...] = (
 
 @dataclass(frozen=True)
 class Plan:
-    """What a profile's pods need, derived and checked (`plan`)."""
+    """What a profile's pods need, derived and checked (`plan_for`)."""
 
     profile: GpuProfile
     stacks: tuple[Stack, ...]
@@ -213,7 +213,7 @@ class Plan:
         return PRE_STOP_S + EXIT_TIMEOUT_S + GRACE_SLACK_S
 
 
-def plan(profile: GpuProfile, measured: dict[str, Measurement] | None = None) -> Plan:
+def plan_for(profile: GpuProfile, measured: dict[str, Measurement] | None = None) -> Plan:
     """Check `profile` against the catalog, the GPU and the measurements, and derive what its pods need."""
     measured = measurements() if measured is None else measured
     catalog = catalog_by_name()
@@ -224,8 +224,9 @@ def plan(profile: GpuProfile, measured: dict[str, Measurement] | None = None) ->
     if profile.compute_capability < FP8_MIN_CAPABILITY:
         fp8 = [stack.name for stack in stacks if stack.quantization in FP8_QUANTIZATIONS]
         if fp8:
-            raise ProfileError(f"profile {profile.name}: {profile.gpu} (compute capability "
-                               f"{'.'.join(map(str, profile.compute_capability))}) cannot load fp8 stacks: {', '.join(fp8)}")
+            capability = ".".join(map(str, profile.compute_capability))
+            raise ProfileError(f"profile {profile.name}: {profile.gpu} (compute capability {capability}) cannot load "
+                               f"fp8 stacks: {', '.join(fp8)}")
     for model, stack in zip(profile.models, stacks):
         check_placement(model.instances, stack.gpus, stack.name)
         if measured_as(stack) not in measured:
@@ -260,8 +261,8 @@ def plan(profile: GpuProfile, measured: dict[str, Measurement] | None = None) ->
 
 # --- Kubernetes objects ---------------------------------------------------------------------------------------
 
-def labels(plan_: Plan, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "fluxserve", INSTANCE_LABEL: plan_.name, "app.kubernetes.io/component": component}
+def labels(plan: Plan, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "fluxserve", INSTANCE_LABEL: plan.name, "app.kubernetes.io/component": component}
 
 
 POD_SECURITY = {
@@ -292,10 +293,10 @@ def gpus_flag(model: Model) -> str:
     return f"{model.stack}=" + ",".join(format_instance(gpus) for gpus in model.instances)
 
 
-def server_args(plan_: Plan) -> list[str]:
+def server_args(plan: Plan) -> list[str]:
     """The container's command line: the image's launcher, on every address (so the admin key is required)."""
-    placements = [part for model in plan_.profile.models for part in ("--gpus", gpus_flag(model))]
-    return [*LAUNCHER, "--address", "0.0.0.0", "--models", ",".join(s.name for s in plan_.stacks), *placements,
+    placements = [part for model in plan.profile.models for part in ("--gpus", gpus_flag(model))]
+    return [*LAUNCHER, "--address", "0.0.0.0", "--models", ",".join(s.name for s in plan.stacks), *placements,
             "--", *TRITON_FLAGS]
 
 
@@ -304,9 +305,9 @@ def http_probe(path: str, period_s: int, failures: int) -> dict:
             "failureThreshold": failures}
 
 
-def deployment(plan_: Plan) -> dict:
+def deployment(plan: Plan) -> dict:
     """The server: the profile's stacks on its GPU nodes, ready once every stack is loaded and warmed up."""
-    selector = labels(plan_, "server")
+    selector = labels(plan, "server")
     server = container(
         "fluxserve",
         env=[
@@ -321,38 +322,38 @@ def deployment(plan_: Plan) -> dict:
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         resources={
-            "requests": {GPU_RESOURCE: plan_.gpus, "cpu": CPUS_PER_GPU * plan_.gpus, "memory": f"{plan_.memory_gib}Gi"},
-            "limits": {GPU_RESOURCE: plan_.gpus, "memory": f"{plan_.memory_gib}Gi"},
+            "requests": {GPU_RESOURCE: plan.gpus, "cpu": CPUS_PER_GPU * plan.gpus, "memory": f"{plan.memory_gib}Gi"},
+            "limits": {GPU_RESOURCE: plan.gpus, "memory": f"{plan.memory_gib}Gi"},
         },
-        args=server_args(plan_),
+        args=server_args(plan),
         ports=[{"name": "http", "containerPort": HTTP_PORT}, {"name": "grpc", "containerPort": GRPC_PORT},
                {"name": "metrics", "containerPort": METRICS_PORT}],
-        startupProbe=http_probe("/v2/health/ready", PROBE_PERIOD_S, plan_.startup_s // PROBE_PERIOD_S),
+        startupProbe=http_probe("/v2/health/ready", PROBE_PERIOD_S, plan.startup_s // PROBE_PERIOD_S),
         readinessProbe=http_probe("/v2/health/ready", PROBE_PERIOD_S, 3),
         livenessProbe=http_probe("/v2/health/live", 20, 6),
         lifecycle={"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_S)]}}},
     )
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": plan_.name, "labels": selector},
+        "metadata": {"name": plan.name, "labels": selector},
         "spec": {
             "selector": {"matchLabels": selector},
             # A new pod takes minutes to load: never take one away before its replacement is ready.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": plan_.startup_s + IMAGE_PULL_S,
+            "progressDeadlineSeconds": plan.startup_s + IMAGE_PULL_S,
             "template": {
                 "metadata": {"labels": selector},
                 "spec": pod_spec(
                     [server],
                     [
                         {"name": "weights", "persistentVolumeClaim": {"claimName": WEIGHTS_CLAIM, "readOnly": True}},
-                        {"name": "compile-cache", "persistentVolumeClaim": {"claimName": f"{plan_.name}-compile-cache"}},
-                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{plan_.shm_gib}Gi"}},
+                        {"name": "compile-cache", "persistentVolumeClaim": {"claimName": f"{plan.name}-compile-cache"}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{plan.shm_gib}Gi"}},
                     ],
-                    terminationGracePeriodSeconds=plan_.grace_s,
+                    terminationGracePeriodSeconds=plan.grace_s,
                     affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                         {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In",
-                                               "values": list(plan_.profile.products)}]}]}}},
+                                               "values": list(plan.profile.products)}]}]}}},
                     tolerations=[{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
                     topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                                 "whenUnsatisfiable": "ScheduleAnyway",
@@ -363,42 +364,43 @@ def deployment(plan_: Plan) -> dict:
     }
 
 
-def service(plan_: Plan) -> dict:
+def service(plan: Plan) -> dict:
     """Inference (and the admin-key-guarded control API) inside the cluster; metrics are not on it."""
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": plan_.name, "labels": labels(plan_, "server")},
-        "spec": {"type": "ClusterIP", "selector": labels(plan_, "server"), "ports": [
+        "metadata": {"name": plan.name, "labels": labels(plan, "server")},
+        "spec": {"type": "ClusterIP", "selector": labels(plan, "server"), "ports": [
             {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
             {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
         ]},
     }
 
 
-def network_policy(plan_: Plan) -> dict:
+def network_policy(plan: Plan) -> dict:
     """HTTP and gRPC from pods of this cluster only; metrics from Prometheus' namespace only."""
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": plan_.name, "labels": labels(plan_, "server")},
+        "metadata": {"name": plan.name, "labels": labels(plan, "server")},
         "spec": {
-            "podSelector": {"matchLabels": labels(plan_, "server")},
+            "podSelector": {"matchLabels": labels(plan, "server")},
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": [{"namespaceSelector": {}}],
                  "ports": [{"protocol": "TCP", "port": HTTP_PORT}, {"protocol": "TCP", "port": GRPC_PORT}]},
-                {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}],
+                {"from": [{"namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}],
                  "ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
             ],
         },
     }
 
 
-def pod_monitor(plan_: Plan) -> dict:
+def pod_monitor(plan: Plan) -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-        "metadata": {"name": plan_.name, "labels": labels(plan_, "server")},
+        "metadata": {"name": plan.name, "labels": labels(plan, "server")},
         "spec": {
-            "selector": {"matchLabels": labels(plan_, "server")},
+            "selector": {"matchLabels": labels(plan, "server")},
             "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
             "podTargetLabels": [INSTANCE_LABEL],
         },
@@ -410,44 +412,44 @@ def metric_label() -> str:
     return "".join(c if c.isalnum() else "_" for c in INSTANCE_LABEL)
 
 
-def queue_time_query(plan_: Plan) -> str:
+def queue_time_query(plan: Plan) -> str:
     """Mean time a request waited in Triton's queue over the last 2 minutes, all models of all pods (seconds;
     0 without requests)."""
-    match = f'{{{metric_label()}="{plan_.name}"}}'
+    match = f'{{{metric_label()}="{plan.name}"}}'
     return (f"sum(rate(nv_inference_queue_duration_us{match}[2m])) / "
             f"clamp_min(sum(rate(nv_inference_request_success{match}[2m])), 1e-9) / 1e6")
 
 
-def scaled_object(plan_: Plan) -> dict:
+def scaled_object(plan: Plan) -> dict:
     """KEDA scales the Deployment on queue time: replicas x (queue time / target), metric type Value."""
     return {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-        "metadata": {"name": plan_.name, "labels": labels(plan_, "server")},
+        "metadata": {"name": plan.name, "labels": labels(plan, "server")},
         "spec": {
-            "scaleTargetRef": {"name": plan_.name},
+            "scaleTargetRef": {"name": plan.name},
             "minReplicaCount": 1,  # never zero: a cold pod takes minutes
-            "maxReplicaCount": plan_.profile.max_replicas,
+            "maxReplicaCount": plan.profile.max_replicas,
             "pollingInterval": 30,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
                 # New pods help only once loaded: at most double within a startup budget (HPA's longest period).
                 "scaleUp": {"stabilizationWindowSeconds": 0, "policies": [
-                    {"type": "Percent", "value": 100, "periodSeconds": min(plan_.startup_s, HPA_MAX_PERIOD_S)}]},
+                    {"type": "Percent", "value": 100, "periodSeconds": min(plan.startup_s, HPA_MAX_PERIOD_S)}]},
                 "scaleDown": {"stabilizationWindowSeconds": 900,
                               "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}]},
             }}},
             "triggers": [{"type": "prometheus", "metricType": "Value", "metadata": {
-                "serverAddress": PROMETHEUS_URL, "query": queue_time_query(plan_),
-                "threshold": f"{plan_.queue_target_s:.2f}",
+                "serverAddress": PROMETHEUS_URL, "query": queue_time_query(plan),
+                "threshold": f"{plan.queue_target_s:.2f}",
             }}],
         },
     }
 
 
-def disruption_budget(plan_: Plan) -> dict:
+def disruption_budget(plan: Plan) -> dict:
     return {
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": {"name": plan_.name, "labels": labels(plan_, "server")},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels(plan_, "server")}},
+        "metadata": {"name": plan.name, "labels": labels(plan, "server")},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels(plan, "server")}},
     }
 
 
@@ -486,18 +488,18 @@ exit "$status"
 """
 
 
-def locust_job(plan_: Plan) -> dict:
+def locust_job(plan: Plan) -> dict:
     """perf/locustfile.py against the Service, one user per model instance of one pod; the per-model table is
     printed to the job's log and kept with Locust's CSVs on the results volume."""
-    users = sum(len(model.instances) for model in plan_.profile.models)
-    name = f"{plan_.name}-locust"
+    users = sum(len(model.instances) for model in plan.profile.models)
+    name = f"{plan.name}-locust"
     env = {
         "JOB_NAME": name, "LOCUST_LOCUSTFILE": "perf/locustfile.py", "LOCUST_HEADLESS": "true",
-        "LOCUST_HOST": f"{plan_.name}:{HTTP_PORT}", "LOCUST_MODELS": ",".join(s.name for s in plan_.stacks),
+        "LOCUST_HOST": f"{plan.name}:{HTTP_PORT}", "LOCUST_MODELS": ",".join(s.name for s in plan.stacks),
         "LOCUST_USERS": str(users), "LOCUST_SPAWN_RATE": str(users), "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s",
         "LOCUST_ONLY_SUMMARY": "true",
     }
-    return shell_job(name, labels(plan_, "load-test"), LOCUST_SCRIPT, [{"name": k, "value": v} for k, v in env.items()],
+    return shell_job(name, labels(plan, "load-test"), LOCUST_SCRIPT, [{"name": k, "value": v} for k, v in env.items()],
                      [{"name": "results", "mountPath": RESULTS_MOUNT}],
                      [{"name": "results", "persistentVolumeClaim": {"claimName": RESULTS_CLAIM}}],
                      deadline_s=LOCUST_RUN_TIME_S + 900)
@@ -628,19 +630,19 @@ def render_files() -> dict[str, str]:
     """Every generated file under deploy/, by relative path."""
     files: dict[str, str] = {}
     for profile in PROFILES:
-        plan_ = plan(profile)
+        plan = plan_for(profile)
         files |= in_folder(profile.name, kustomization({
-            "deployment.yaml": deployment(plan_),
-            "service.yaml": service(plan_),
-            "networkpolicy.yaml": network_policy(plan_),
-            "podmonitor.yaml": pod_monitor(plan_),
-            "scaledobject.yaml": scaled_object(plan_),
-            "poddisruptionbudget.yaml": disruption_budget(plan_),
-            "compile-cache-pvc.yaml": claim(f"{plan_.name}-compile-cache", "ReadWriteMany", "20Gi",
-                                            labels(plan_, "server")),
+            "deployment.yaml": deployment(plan),
+            "service.yaml": service(plan),
+            "networkpolicy.yaml": network_policy(plan),
+            "podmonitor.yaml": pod_monitor(plan),
+            "scaledobject.yaml": scaled_object(plan),
+            "poddisruptionbudget.yaml": disruption_budget(plan),
+            "compile-cache-pvc.yaml": claim(f"{plan.name}-compile-cache", "ReadWriteMany", "20Gi",
+                                            labels(plan, "server")),
         }))
         files |= in_folder(f"{profile.name}/locust", kustomization({
-            "job.yaml": locust_job(plan_),
+            "job.yaml": locust_job(plan),
             "results-pvc.yaml": claim(RESULTS_CLAIM, "ReadWriteOnce", "1Gi", {"app.kubernetes.io/name": "fluxserve"}),
         }))
     files |= in_folder("weights", kustomization({
@@ -684,11 +686,11 @@ def profile_table() -> str:
     rows = ["| profile | nodes (`nvidia.com/gpu.product`) | GPUs / pod | models (instances per pod) | startup probe | "
             "queue-time target | memory / pod |", "|---|---|---|---|---|---|---|"]
     for profile in PROFILES:
-        p = plan(profile)
+        plan = plan_for(profile)
         models = "<br>".join(f"`{m.stack}` ({', '.join('GPU ' + format_instance(g) for g in m.instances)})"
                              for m in profile.models)
-        rows.append(f"| `{profile.name}` | {', '.join(profile.products)} | {p.gpus} | {models} | {p.startup_s} s | "
-                    f"{p.queue_target_s:.2f} s | {p.memory_gib} GiB |")
+        rows.append(f"| `{profile.name}` | {', '.join(profile.products)} | {plan.gpus} | {models} | "
+                    f"{plan.startup_s} s | {plan.queue_target_s:.2f} s | {plan.memory_gib} GiB |")
     return "\n".join(rows)
 
 
@@ -697,15 +699,15 @@ def expected_latency_table() -> str:
     measured = measurements()
     rows = ["| profile | model | expected P50 (s) | basis |", "|---|---|---|---|"]
     for profile in PROFILES:
-        p = plan(profile, measured)
-        for stack in p.stacks:
+        plan = plan_for(profile, measured)
+        for stack in plan.stacks:
             twin = measured_as(stack)
             base = measured[twin]
             if profile.seed_bf16_p50_s:
-                value = f"{base.p50_s * p.slowdown:.2f}"
-                basis = (f"estimate: `{twin}` on the H200, {base.p50_s:.2f} s, x {p.slowdown:.2f} (the seed's BF16 on "
-                         f"this GPU, {profile.seed_bf16_p50_s} s by hand, / the H200's served `{REFERENCE_STACK}`, "
-                         f"{measured[REFERENCE_STACK].p50_s:.2f} s)")
+                value = f"{base.p50_s * plan.slowdown:.2f}"
+                basis = (f"estimate: `{twin}` on the H200, {base.p50_s:.2f} s, x {plan.slowdown:.2f} (the seed's "
+                         f"BF16 on this GPU, {profile.seed_bf16_p50_s} s by hand, / the H200's served "
+                         f"`{REFERENCE_STACK}`, {measured[REFERENCE_STACK].p50_s:.2f} s)")
             else:
                 value = f"{base.p50_s:.2f}"
                 basis = f"measured through Triton (P99 {base.p99_s:.2f} s)"

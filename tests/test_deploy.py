@@ -320,7 +320,8 @@ def test_metrics_stay_off_the_service_and_inside_the_monitoring_namespace(folder
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
 def test_updates_and_disruptions_keep_a_pod_serving(folder):
     spec = only(folder, "Deployment")["spec"]
-    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0 and spec["strategy"]["rollingUpdate"]["maxSurge"] >= 1
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
     budget = only(folder, "PodDisruptionBudget")["spec"]
     assert budget["minAvailable"] >= 1 and budget["selector"] == spec["selector"]
 
@@ -423,7 +424,7 @@ def test_image_and_pods_run_the_readme_launcher():
 def test_profiles_that_cannot_be_served_are_refused(models, message):
     a100 = next(profile for profile in deployment.PROFILES if profile.name == "a100-80gb")
     with pytest.raises(ValueError, match=message):
-        deployment.plan(dataclasses.replace(a100, models=models))
+        deployment.plan_for(dataclasses.replace(a100, models=models))
 
 
 def test_readmes_show_the_generated_tables():
