@@ -551,7 +551,7 @@ PANELS = (
         (f"sum by (model) (rate(fluxserve_steps_skipped_total{{{MODEL_MATCH}}}{RATE}))", "{{model}} skipped"),
     )),
     ("GPU utilisation (DCGM)", "percent", ((_dcgm("DCGM_FI_DEV_GPU_UTIL"), "{{Hostname}} GPU {{gpu}}"),)),
-    ("GPU memory used (DCGM)", "decmbytes", ((_dcgm("DCGM_FI_DEV_FB_USED"), "{{Hostname}} GPU {{gpu}}"),)),
+    ("GPU memory used (DCGM)", "mbytes", ((_dcgm("DCGM_FI_DEV_FB_USED"), "{{Hostname}} GPU {{gpu}}"),)),
 )
 
 
