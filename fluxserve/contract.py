@@ -38,6 +38,7 @@ ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"
 ADMIN_HEADER = "admin-key"
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 SIZE_MULTIPLE = 16
+PIXELS_PER_TOKEN_SIDE = 16  # FLUX: VAE downsampling (8) x 2x2 latent packing: one token per 16x16 pixels
 SEED_MAX = 2**63 - 1
 
 
@@ -133,8 +134,19 @@ def _prompt(inputs: dict, limits: Limits) -> str:
     return value
 
 
-def parse_request(inputs: dict, limits: Limits = Limits()) -> GenerationRequest:
-    """Validate raw input arrays (name -> numpy array, absent = None) into a GenerationRequest."""
+def check_token_split(height: int, width: int, parts: int) -> None:
+    """A context-parallel model splits the image's tokens evenly over its GPUs: their count must divide."""
+    tokens = (height // PIXELS_PER_TOKEN_SIDE) * (width // PIXELS_PER_TOKEN_SIDE)
+    if tokens % parts:
+        raise InvalidInput(
+            f"HEIGHT x WIDTH must make a number of image tokens (HEIGHT/16 x WIDTH/16) divisible by {parts}: this "
+            f"model splits them over {parts} GPUs; got {height}x{width} ({tokens} tokens)"
+        )
+
+
+def parse_request(inputs: dict, limits: Limits = Limits(), token_parts: int = 1) -> GenerationRequest:
+    """Validate raw input arrays (name -> numpy array, absent = None) into a GenerationRequest; `token_parts`
+    is the number of GPUs the model splits an image's tokens over."""
     prompt = _prompt(inputs, limits)
     seed = _integer(inputs, "SEED", random.randint(0, 2**31 - 1), 0, SEED_MAX)
     steps = _integer(inputs, "STEPS", limits.default_steps, limits.min_steps, limits.max_steps)
@@ -143,6 +155,7 @@ def parse_request(inputs: dict, limits: Limits = Limits()) -> GenerationRequest:
     width = _integer(inputs, "WIDTH", *size)
     if height * width > limits.max_pixels:
         raise InvalidInput(f"HEIGHT x WIDTH must be at most {limits.max_pixels} pixels, got {height}x{width}")
+    check_token_split(height, width, token_parts)
     guidance = _scalar(inputs, "GUIDANCE")
     if guidance is None:
         guidance = limits.default_guidance

@@ -151,6 +151,35 @@ def set_cache_steps(transformer, steps: int) -> None:
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
 
 
+def apply_context_parallel(transformer, stack: Stack, device: torch.device) -> None:
+    """Split every image's tokens over the GPUs of the running process group with diffusers' own context parallelism
+    (`enable_parallelism`): Ulysses exchanges heads for tokens around each attention (all-to-all), ring passes the
+    keys and values around. The process group must be up (`fluxserve.parallel` starts one per stack instance).
+
+    diffusers derives a device as `rank % torch.accelerator.device_count()`, which divides by zero on a host
+    without an accelerator; that device is not used by context parallelism, so on CPU the count reads as one."""
+    import contextlib
+    from unittest import mock
+
+    from diffusers import ContextParallelConfig
+
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        raise StackUnsupported(f"stack {stack.name} runs over {stack.gpus} GPUs: start it through fluxserve.parallel "
+                               "(one process per GPU), not in a single process")
+    if distributed.get_world_size() != stack.parallel_degree:
+        raise StackUnsupported(f"stack {stack.name} needs a process group of {stack.parallel_degree}, this one has "
+                               f"{distributed.get_world_size()}")
+    heads = transformer.config.num_attention_heads
+    if stack.parallel == "ulysses" and heads % stack.parallel_degree:
+        raise StackUnsupported(f"stack {stack.name}: Ulysses splits the {heads} attention heads over "
+                               f"{stack.parallel_degree} GPUs, which must divide them")
+    degree = {"ulysses_degree" if stack.parallel == "ulysses" else "ring_degree": stack.parallel_degree}
+    no_accelerator = mock.patch("torch.accelerator.device_count", return_value=1)
+    with no_accelerator if device.type == "cpu" else contextlib.nullcontext():
+        transformer.enable_parallelism(config=ContextParallelConfig(**degree))
+
+
 def apply_compile(transformer, mode: str) -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
     cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
@@ -179,6 +208,8 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
         apply_quantization(transformer, stack.quantization)
     if stack.cache != "none":
         apply_cache(transformer, stack)
+    if stack.parallel != "none":
+        apply_context_parallel(transformer, stack, device)
     if stack.compile != "none":
         apply_compile(transformer, stack.compile)
     if stack.cuda_graph:

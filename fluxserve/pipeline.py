@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ from .weights import WeightsSource, load_pipeline
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1-dev reads
+# Fault injection for tests and drills: a request whose prompt equals this variable's value runs out of memory
+# inside the denoising loop (on every process of a context-parallel stack), so the real recovery path is exercised.
+INJECT_OOM_ENV = "FLUXSERVE_INJECT_OOM_PROMPT"
 ATTENTION_OP_MARKERS = ("scaled_dot_product", "flash_attn", "attention")
 
 
@@ -58,7 +63,7 @@ class StepCounter:
 class Generation:
     """The result of one request: the image (uint8 HxWx3) and its telemetry."""
 
-    image: np.ndarray | None  # None when cancelled
+    image: np.ndarray | None  # None when cancelled, or not decoded (context-parallel ranks but the first)
     steps_run: int  # denoising steps the loop went through (fewer than asked when cancelled)
     steps_computed: int  # of those, the ones whose transformer blocks really ran
     cancelled: bool
@@ -106,10 +111,18 @@ class StackPipeline:
                 warnings.append(f"PROMPT truncated: it has {count} {label} tokens, {label} reads the first {limit}")
         return warnings
 
+    def parallel_info(self) -> dict:
+        """Where the stack runs: one process on one device."""
+        return {"mode": "none", "world_size": 1, "devices": [str(self.device)]}
+
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> Generation:
+    def generate(
+        self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None, decode: bool = True
+    ) -> Generation:
         """Run one request. `should_stop` is polled after every denoising step: when it says so the loop
-        ends there and the result is marked cancelled, without an image."""
+        ends there and the result is marked cancelled, without an image. Without `decode` the latents are not
+        decoded (a context-parallel rank whose image nobody reads)."""
+        should_stop = _with_injected_oom(request, should_stop)
         start = self._sync()
         embeddings = self._encode(request.prompt)
         encoded = self._sync()
@@ -118,6 +131,10 @@ class StackPipeline:
         except _StopRequested as stop:
             return Generation(None, stop.steps_run, self.steps.count, cancelled=True, timings_ms={})
         denoised = self._sync()
+        if not decode:
+            return Generation(None, steps_run, self.steps.count, cancelled=False,
+                              timings_ms={"text_encode": round((encoded - start) * 1000, 3),
+                                          "denoise": round((denoised - encoded) * 1000, 3)})
         image = self._decode(latents, request.height, request.width)
         decoded = self._sync()
         pixels = image.cpu().numpy()
@@ -200,6 +217,18 @@ class StackPipeline:
         clock.lap("kernel_check")
 
 
+def _with_injected_oom(request: GenerationRequest, should_stop):
+    """Wrap `should_stop` (polled after each step) to raise an out-of-memory error for the marked prompt."""
+    marker = os.environ.get(INJECT_OOM_ENV)
+    if not marker or request.prompt != marker:
+        return should_stop
+
+    def stop_or_fail() -> bool:
+        raise torch.OutOfMemoryError("injected by " + INJECT_OOM_ENV)
+
+    return stop_or_fail
+
+
 def attention_kernel_from_events(names) -> str:
     """The most specific attention op seen (e.g. aten::_scaled_dot_product_cudnn_attention), not the
     `scaled_dot_product_attention` dispatcher around it."""
@@ -253,6 +282,13 @@ def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()}
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a failed request held, so the next request starts from the loaded model's footprint."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def finished_time(device: torch.device) -> float:

@@ -26,23 +26,22 @@ def parse_gpus(spec: str, gpus_per_instance: int, model: str = "model") -> Place
     """'0,1,2,3' -> four instances of one GPU; '0-1,2-3' or '0+1,2+3' -> two instances of two GPUs.
 
     Instances are separated by commas; an instance of several GPUs is a range `a-b` or a list `a+b+c`."""
-    instances = []
-    for part in (item.strip() for item in spec.split(",")):
-        try:
-            if "-" in part:
-                first, last = (int(bound) for bound in part.split("-"))
-                gpus = tuple(range(first, last + 1))
-            else:
-                gpus = tuple(int(gpu) for gpu in part.split("+"))
-        except ValueError:
-            raise PlacementError(
-                f"--gpus {model}={spec}: {part!r} is not a GPU id, a range a-b or a list a+b (instances are "
-                "separated by commas)"
-            ) from None
-        instances.append(gpus)
-    placement = tuple(instances)
+    placement = tuple(parse_instance(part.strip(), f"--gpus {model}={spec}") for part in spec.split(","))
     check_placement(placement, gpus_per_instance, model)
     return placement
+
+
+def parse_instance(part: str, where: str) -> tuple[int, ...]:
+    """One instance's GPUs: a GPU id, a range `a-b` or a list `a+b+c`."""
+    try:
+        if "-" in part:
+            first, last = (int(bound) for bound in part.split("-"))
+            return tuple(range(first, last + 1))
+        return tuple(int(gpu) for gpu in part.split("+"))
+    except ValueError:
+        raise PlacementError(
+            f"{where}: {part!r} is not a GPU id, a range a-b or a list a+b (instances are separated by commas)"
+        ) from None
 
 
 def check_placement(placement: Placement, gpus_per_instance: int, model: str = "model") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
+import re
 import shutil
 import sys
 import tempfile
@@ -14,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .contract import INPUTS, OUTPUTS, Limits
-from .placement import GPU_GROUPS_PARAMETER, Placement, format_groups, instance_group
+from .placement import GPU_GROUPS_PARAMETER, Placement, PlacementError, check_placement, format_groups, instance_group
+from .shared_dirs import content_keyed_directory
 from .stacks import CATALOG, Stack
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -100,6 +103,50 @@ output [
 
 def _limit_parameters(limits: Limits) -> dict[str, str]:
     return {f"limit_{f.name}": str(getattr(limits, f.name)) for f in dataclasses.fields(limits)}
+
+
+PARAMETER_LINE = re.compile(r'^parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}$', re.M)
+
+
+def place_config(text: str, model: str, placement: Placement) -> str:
+    """A model's config.pbtxt with its instances on the given GPUs (see `placement`); the model's stack, read from
+    its parameters, says how many GPUs an instance takes."""
+    parameters = dict(PARAMETER_LINE.findall(text))
+    check_placement(placement, Stack.from_parameters(parameters).gpus, model)
+    lines = [line for line in text.splitlines() if not line.startswith(f'parameters {{ key: "{GPU_GROUPS_PARAMETER}"')]
+    at = next((i for i, line in enumerate(lines) if line.startswith("instance_group")), None)
+    if at is None:
+        raise PlacementError(f"--gpus {model}: its config.pbtxt has no instance_group line to place")
+    lines[at] = instance_group(len(placement[0]), placement)
+    if at and lines[at - 1].startswith("#"):
+        lines[at - 1] = INSTANCE_COMMENTS["placed"]
+    lines.append(f'parameters {{ key: "{GPU_GROUPS_PARAMETER}" value: {{ string_value: "{format_groups(placement)}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def placed_repository(source: Path, placements: dict[str, Placement], parent: Path) -> Path:
+    """A copy of the repository `source` with the placed models' instances on their GPUs, under `parent` in a
+    folder named by its content (`shared_dirs`): launchers with the same placement share it, and nothing in it
+    changes under a running server."""
+    files: dict[str, bytes] = {}
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            files[str(path.relative_to(source))] = path.read_bytes()
+    for model, placement in placements.items():
+        key = f"{model}/config.pbtxt"
+        if key not in files:
+            raise PlacementError(f"--gpus {model}: no such model in {source}")
+        files[key] = place_config(files[key].decode(), model, placement).encode()
+    digest = hashlib.sha256()
+    for name, data in files.items():
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+
+    def fill(directory: Path) -> None:
+        for name, data in files.items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(data)
+
+    return content_keyed_directory(parent, "placed", digest.hexdigest()[:16], fill)
 
 
 def write_repository(root: Path) -> None:

@@ -8,6 +8,7 @@ Python. Binds to 127.0.0.1 unless told otherwise. Usage: python -m fluxserve.ser
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
-from .repository import REPOSITORY
-from .stacks import DEFAULT_STACK
+from .placement import PlacementError, parse_gpus
+from .repository import PARAMETER_LINE, REPOSITORY, placed_repository
+from .shared_dirs import content_keyed_directory
+from .stacks import DEFAULT_STACK, Stack
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
 
@@ -28,6 +31,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
 BACKEND_CACHE = CACHE_HOME / "backends"
+PLACED_REPOSITORIES = CACHE_HOME / "repositories"  # copies of a repository with models placed by --gpus
 # torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -49,17 +53,46 @@ def _wheel_install() -> TritonInstall:
         raise SystemExit("no tritonserver found: install nvidia-pytriton or run inside the NGC Triton image") from None
     wheel = Path(pytriton.__file__).resolve().parent / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = backend_directory(wheel, version, BACKEND_CACHE / version)
+    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), str(libpython_directory(BACKEND_CACHE / version))]
+    return TritonInstall(wheel / "bin" / "tritonserver", backend, libraries)
+
+
+def backend_directory(wheel: Path, version: str, folder: Path) -> Path:
+    """A backend directory (`python/`: the wheel's Python backend plus the stub for Python `version`) under
+    `folder`, named after the content of those files.
+
+    `folder` is shared by every checkout and environment of the user, and a running server maps these files
+    (the stub is the executable of every model process, libtriton_python.so is loaded into the server):
+    overwriting them crashes it. So a directory is never changed once made: other files get another directory,
+    the same files reuse the existing one."""
     stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise SystemExit(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
-    backend = BACKEND_CACHE / version / "python"
-    backend.mkdir(parents=True, exist_ok=True)
-    for source in (*(wheel / "backends" / "python").iterdir(), stub):
-        target = backend / source.name
-        if source.is_file() and (not target.exists() or target.stat().st_mtime < source.stat().st_mtime):
-            shutil.copy2(source, target)
-    libraries = [str(wheel.parent.parent / "nvidia_pytriton.libs"), str(libpython_directory(BACKEND_CACHE / version))]
-    return TritonInstall(wheel / "bin" / "tritonserver", backend.parent, libraries)
+    files = [path for path in (wheel / "backends" / "python").iterdir() if path.is_file()] + [stub]
+
+    def fill(directory: Path) -> None:
+        (directory / "python").mkdir()
+        for source in files:
+            shutil.copy2(source, directory / "python" / source.name)
+
+    def rekey(directory: Path) -> str:
+        return content_key([path for path in (directory / "python").iterdir() if path.is_file()])
+
+    return content_keyed_directory(folder, "backend", content_key(files), fill, rekey)
+
+
+def content_key(files: list[Path]) -> str:
+    """A digest of the files' names, executable bits and bytes (not their times: a reinstall of the same wheel
+    is the same backend)."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda path: path.name):
+        status = path.stat()
+        digest.update(f"{path.name}\0{bool(status.st_mode & 0o111)}\0{status.st_size}\0".encode())
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def libpython_directory(folder: Path) -> Path:
@@ -67,21 +100,15 @@ def libpython_directory(folder: Path) -> Path:
 
     Not the interpreter's LIBDIR itself: on Debian and Ubuntu that is /usr/lib/x86_64-linux-gnu, and on
     LD_LIBRARY_PATH it outranks the RUNPATH through which torch finds its own cuDNN, cuBLAS and NCCL, so a
-    system cuDNN there would silently replace torch's in the model processes."""
+    system cuDNN there would silently replace torch's in the model processes. Named after the link's target,
+    like the backend directory, so that no launcher of another Python replaces it under a running server."""
     name = sysconfig.get_config_var("INSTSONAME") or ""
     library = Path(sysconfig.get_config_var("LIBDIR") or "") / name
     if not name.startswith("libpython") or not name.endswith((".so", ".so.1.0")) or not library.is_file():
         raise SystemExit(f"the Python backend stub needs this Python's shared library, {library}: not found "
                          f"(a Python built with --enable-shared, e.g. the distribution's libpython package)")
-    directory = folder / "lib"
-    directory.mkdir(parents=True, exist_ok=True)
-    link = directory / name
-    if not link.exists() or link.resolve() != library.resolve():
-        staged = directory / f".{name}.{os.getpid()}"  # renamed into place: launchers may run side by side
-        staged.unlink(missing_ok=True)
-        staged.symlink_to(library)
-        staged.replace(link)
-    return directory
+    key = hashlib.sha256(f"{name}\0{library}".encode()).hexdigest()[:16]
+    return content_keyed_directory(folder, "lib", key, lambda directory: (directory / name).symlink_to(library))
 
 
 def find_triton() -> TritonInstall:
@@ -163,6 +190,24 @@ def resolve_weights(spec: str | None) -> str:
     return str(source)
 
 
+def place_models(repository: Path, specs: list[str]) -> Path:
+    """The repository to serve: `repository` itself, or a copy with the models of `--gpus MODEL=SPEC` placed."""
+    if not specs:
+        return repository
+    placements = {}
+    for spec in specs:
+        model, _, gpus = spec.partition("=")
+        config = repository / model / "config.pbtxt"
+        if not gpus or not config.is_file():
+            raise SystemExit(f"--gpus {spec}: expected MODEL=GPUS with MODEL in {repository}")
+        try:
+            stack = Stack.from_parameters(dict(PARAMETER_LINE.findall(config.read_text())))
+            placements[model] = parse_gpus(gpus, stack.gpus, model)
+        except (PlacementError, ValueError) as exc:
+            raise SystemExit(str(exc)) from None
+    return placed_repository(repository, placements, PLACED_REPOSITORIES)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_STACK, help=f"comma-separated stacks to load (default {DEFAULT_STACK}); '' loads none")
@@ -173,18 +218,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--warmup-size", type=int, help=f"square size of the warm-up generation (default: the models' default size; sets {WARMUP_SIZE_ENV})")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument("--gpus", action="append", default=[], metavar="MODEL=GPUS",
+                        help="place MODEL's instances (repeatable): instances separated by commas, each a GPU id, a "
+                             "range a-b or a list a+b of as many GPUs as the stack uses, e.g. --gpus bf16=0,1 --gpus "
+                             "bf16-cp2=2-3,4-5 (default: a one-GPU stack on every GPU, a multi-GPU stack on 0..N-1)")
     parser.add_argument("--exit-timeout", type=int, default=120, help="seconds in-flight requests get to finish on shutdown (default 120)")
     parser.add_argument("--open-admin-api", action="store_true", help=f"allow a non-loopback address without {ADMIN_KEY_ENV}")
     parser.add_argument("tritonserver_args", nargs="*", help="further tritonserver flags, after --")
     args = parser.parse_args(argv)
     admin_key = os.environ.get(ADMIN_KEY_ENV) or None
     check_admin_exposure(args.address, admin_key, args.open_admin_api)
+    repository = place_models(args.repository, args.gpus)
     install = find_triton()
     models = [model for model in args.models.split(",") if model]
     env = server_environment(install, resolve_weights(args.weights))
     if args.warmup_size:
         env[WARMUP_SIZE_ENV] = str(args.warmup_size)
-    command = server_command(install, models, args.repository, args.address, args.http_port, args.grpc_port,
+    command = server_command(install, models, repository, args.address, args.http_port, args.grpc_port,
                              args.metrics_port, admin_key, args.exit_timeout, args.tritonserver_args)
     shown = [part.replace(admin_key, "***") if admin_key else part for part in command]
     print("fluxserve: " + " ".join(shown), file=sys.stderr, flush=True)

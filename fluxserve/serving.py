@@ -3,7 +3,6 @@ validated inputs into the contract's outputs. `triton_model` adapts it to `pb_ut
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import logging
@@ -13,24 +12,34 @@ import time
 import numpy as np
 import torch
 
-from .contract import GenerationRequest, Limits, parse_request
-from .pipeline import build_pipeline
+from .contract import GenerationRequest, Limits, check_token_split, parse_request
+from .parallel import WorkerGroup
+from .parallel.group import Timeouts
+from .pipeline import build_pipeline, release_memory
+from .placement import PlacementError, instance_gpus
 from .stacks import Stack
 from .weights import ENV_VAR, default_source, parse_source
 
 log = logging.getLogger(__name__)
 
 WARMUP_SIZE_ENV = "FLUXSERVE_WARMUP_SIZE"
-# Fault injection for tests and drills: a request whose prompt equals this variable's value runs out of
-# memory inside the denoising loop, so the real recovery path is exercised.
-INJECT_OOM_ENV = "FLUXSERVE_INJECT_OOM_PROMPT"
 WARMUP_STEPS = 2
 PNG_COMPRESS_LEVEL = 1  # level 6 costs ~10x the encode time for a few % of size on 1024x1024 images
 
 
-def instance_device(kind: str, device_id: int) -> torch.device:
-    """The device Triton gave this instance: cuda:{device_id} for GPU instances, never bare 'cuda'."""
-    return torch.device(f"cuda:{device_id}") if kind == "GPU" else torch.device("cpu")
+def instance_devices(kind: str, device_id: int, parameters: dict[str, str]) -> list[torch.device]:
+    """The devices of the instance Triton started as (`kind`, `device_id`), one per GPU its stack uses: cuda:{id},
+    never bare 'cuda'. A multi-GPU stack's GPUs come from its placement (`placement.instance_gpus`); without GPUs
+    it runs as many processes on the CPU."""
+    gpus = Stack.from_parameters(parameters).gpus
+    if kind == "CPU" or (kind == "MODEL" and not torch.cuda.is_available()):
+        return [torch.device("cpu")] * gpus
+    ids = instance_gpus(parameters, gpus, kind, device_id)
+    available = torch.cuda.device_count()
+    if max(ids) >= available:
+        raise PlacementError(f"this instance runs on GPUs {', '.join(map(str, ids))}, but the host has {available} "
+                             f"GPU(s): place it with the launcher's --gpus, or use a stack of fewer GPUs")
+    return [torch.device(f"cuda:{gpu}") for gpu in ids]
 
 
 def weights_from(parameters: dict[str, str]):
@@ -63,21 +72,15 @@ class OutOfMemory(RuntimeError):
     """The request ran out of device or host memory; the memory was released."""
 
 
-def release_memory(device: torch.device) -> None:
-    """Give back what a failed request held, so the next request starts from the loaded model's footprint."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 class StackService:
     """One model instance: a warmed-up stack pipeline plus the request contract."""
 
     def __init__(
-        self, model_name: str, parameters: dict[str, str], device: torch.device, notify=log.warning, observe=None
+        self, model_name: str, parameters: dict[str, str], devices: list[torch.device], notify=log.warning,
+        observe=None,
     ):
-        """`notify(message)` reports to the server log; `observe(request, generation)` sees every generation
-        (metrics)."""
+        """`devices`: one per GPU the stack uses (`instance_devices`). `notify(message)` reports to the server
+        log; `observe(request, generation)` sees every generation (metrics)."""
         self.model_name = model_name
         self.notify = notify
         self.observe = observe
@@ -86,15 +89,23 @@ class StackService:
         self.weights, why = weights_from(parameters)
         if self.weights.kind == "synthetic":
             notify(f"*** {model_name}: serving RANDOM weights ({self.weights}): {why}. Images are noise. ***")
+        if len(devices) != self.stack.gpus:
+            raise PlacementError(f"stack {self.stack.name} runs on {self.stack.gpus} device(s), given {len(devices)}")
         size = int(os.environ.get(WARMUP_SIZE_ENV, self.limits.default_size))
+        check_token_split(size, size, self.stack.gpus)
         warm_up = warm_up_request(self.limits.default_guidance, size, size)
         started = time.perf_counter()
-        self.pipeline = build_pipeline(self.stack, self.weights, device, warm_up)
+        if self.stack.gpus == 1:
+            self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up)
+        else:
+            self.pipeline = WorkerGroup(self.stack, parameters, str(self.weights), devices, warm_up, notify,
+                                        Timeouts.from_parameters(parameters))
         self.load_seconds = time.perf_counter() - started
         phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.pipeline.load_phases.items())
         compiled = ", ".join(f"{name} {count}" for name, count in self.pipeline.compile_stats.items())
         notify(
-            f"{model_name}: stack {self.stack.description} ready on {device} in {self.load_seconds:.1f} s "
+            f"{model_name}: stack {self.stack.description} ready on {', '.join(map(str, devices))} in "
+            f"{self.load_seconds:.1f} s "
             f"({phases}){f'; compiled: {compiled}' if compiled else ''}; weights {self.weights}; "
             f"attention {self.pipeline.attention_backend} -> {self.pipeline.attention_kernel}"
         )
@@ -102,7 +113,7 @@ class StackService:
     def infer(self, inputs: dict, wanted: set[str], should_stop=None) -> dict[str, np.ndarray]:
         """Validated inputs -> the requested outputs (raises InvalidInput for bad input)."""
         started = time.perf_counter()
-        request = parse_request(inputs, self.limits)
+        request = parse_request(inputs, self.limits, self.stack.gpus)
         generation = self._generate(request, should_stop)
         outputs = {"STEPS_COMPUTED": np.array([generation.steps_computed], dtype=np.int32)}
         if "IMAGE" in wanted:
@@ -117,6 +128,7 @@ class StackService:
             "stack": self.stack.name,
             "weights": str(self.weights),
             "device": str(self.pipeline.device),
+            "parallel": self.pipeline.parallel_info(),
             "device_name": self.pipeline.device_name,
             "cudnn_version": self.pipeline.cudnn_version,
             "attention_backend": self.pipeline.attention_backend,
@@ -139,9 +151,13 @@ class StackService:
         outputs["INFO"] = np.array([json.dumps(info).encode()], dtype=np.object_)
         return outputs
 
+    def close(self) -> None:
+        """Stop what the instance started (a multi-GPU stack's workers): nothing may outlive an unload."""
+        if isinstance(self.pipeline, WorkerGroup):
+            self.pipeline.close()
+
     def _generate(self, request: GenerationRequest, should_stop):
         """Generate, turning cancellation and out-of-memory into errors for this request alone."""
-        should_stop = _with_injected_oom(request, should_stop)
         try:
             generation = self.pipeline.generate(request, should_stop)
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -161,14 +177,3 @@ class StackService:
             raise RequestCancelled(f"cancelled by the client after {generation.steps_computed} of {request.steps} steps")
         return generation
 
-
-def _with_injected_oom(request: GenerationRequest, should_stop):
-    """Wrap `should_stop` (polled after each step) to raise an out-of-memory error for the marked prompt."""
-    marker = os.environ.get(INJECT_OOM_ENV)
-    if not marker or request.prompt != marker:
-        return should_stop
-
-    def stop_or_fail() -> bool:
-        raise torch.OutOfMemoryError("injected by " + INJECT_OOM_ENV)
-
-    return stop_or_fail

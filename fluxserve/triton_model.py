@@ -12,9 +12,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .contract import INPUTS, InvalidInput
-from .serving import OutOfMemory, RequestCancelled, StackService, instance_device
+from .parallel import WorkerFault
+from .serving import OutOfMemory, RequestCancelled, StackService, instance_devices
 
-REQUEST_ERRORS = (InvalidInput, RequestCancelled, OutOfMemory)
+REQUEST_ERRORS = (InvalidInput, RequestCancelled, OutOfMemory, WorkerFault)
 
 
 def error_code(exc: Exception):
@@ -23,6 +24,7 @@ def error_code(exc: Exception):
         InvalidInput: pb_utils.TritonError.INVALID_ARG,
         RequestCancelled: pb_utils.TritonError.CANCELLED,
         OutOfMemory: pb_utils.TritonError.UNAVAILABLE,
+        WorkerFault: pb_utils.TritonError.UNAVAILABLE,
     }[type(exc)]
 
 
@@ -53,11 +55,15 @@ class TritonPythonModel:
         locale.setlocale(locale.LC_CTYPE, "")
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        device = instance_device(args["model_instance_kind"], int(args["model_instance_device_id"]))
+        devices = instance_devices(args["model_instance_kind"], int(args["model_instance_device_id"]), parameters)
         self.metrics = StepMetrics(args["model_name"])
         self.service = StackService(
-            args["model_name"], parameters, device, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe
+            args["model_name"], parameters, devices, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe
         )
+
+    def finalize(self) -> None:
+        if hasattr(self, "service"):  # not when initialize failed
+            self.service.close()
 
     def execute(self, requests: list) -> list:
         return [self._respond(request) for request in requests]

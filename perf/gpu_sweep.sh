@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Sweep stacks on every GPU of one host at once: one server and one sweep per GPU, each GPU a shard of stacks.
+# Sweep stacks on the GPUs of one host at once: one server per shard (a plan line, on GPUs of its own), and one
+# sweep per concurrency of the line.
 #
 #   bash perf/gpu_sweep.sh PLAN OUTPUT [perf.sweep args...]
 #
-# PLAN: one line per GPU, each "stacks=a,b,c" plus optional "direct=x,y" (also measured in-process, each right
-# after its served run) and "reload=a,b" (stacks whose second load, torch.compile's caches warm, is timed).
-# Every shard measures the baseline (bf16) first, so speed-ups are ratios within one GPU. Results go to
-# OUTPUT/gpu<i>/ (perf.sweep's files), logs to OUTPUT/logs/. On the offline GPU host, source
+# PLAN: see perf/plan.py (stacks=a,b,c [direct=x,y] [reload=a,b] [gpus=0-3] [concurrency=1,4,8] [place=M=0-3,4-7]
+# per line). Every
+# shard measures the baseline (bf16) first, so speed-ups are ratios within one shard's GPUs. Results go to
+# OUTPUT/gpu<first GPU>/ (perf.sweep's files), logs to OUTPUT/logs/. On the offline GPU host, source
 # build/use_gpu_bundle.sh first. SWEEP_DEADLINE_S bounds each sweep.
 set -uo pipefail
 plan=$1 out=$2
@@ -16,41 +17,34 @@ cd "$root"
 mkdir -p "$out/logs"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/fluxserve-inductor}" PYTHONUNBUFFERED=1
 export FLUXSERVE_WEIGHTS="${FLUXSERVE_WEIGHTS:-synthetic:full}"
+# Multi-GPU hosts here keep NVLink multicast off; every process the servers start (stubs, workers) inherits this.
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" \
+    NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
 deadline="${SWEEP_DEADLINE_S:-540}"
 
-field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+# Checks the plan against this host (a shard on a GPU the host lacks would only fail every load).
+shards=$(python3 -m perf.plan "$plan") || exit 2
 
-# A shard on a GPU the host lacks would start a server that only fails every load (synthetic:full needs a GPU).
-shards=$(grep -c '[^[:space:]]' "$plan")
-gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-if [ "$shards" -gt "$gpus" ]; then
-    echo "gpu_sweep: $plan has $shards shard line(s) but this host has $gpus GPU(s); run one line per call," \
-        "e.g. sed -n 1p $plan > /tmp/plan.txt" >&2
-    exit 2
-fi
-
-shard() {  # shard GPU LINE [sweep args]
-    local gpu=$1 line=$2 port=$((8000 + 10 * $1))
-    shift 2
-    local url="127.0.0.1:$port" log="$out/logs/gpu$gpu"
-    export CUDA_VISIBLE_DEVICES=$gpu
+shard() {  # shard INDEX GPUS CONCURRENCIES STACKS DIRECT RELOAD PLACEMENTS [sweep args]
+    local index=$1 gpus=$2 concurrencies=$3 stacks=$4 direct=$5 reload=$6 placements=$7 port=$((8000 + 10 * $1))
+    shift 7
+    local url="127.0.0.1:$port" log="$out/logs/gpu${gpus%%,*}" place=()
+    for spec in ${placements//;/ }; do place+=(--gpus "$spec"); done
+    export CUDA_VISIBLE_DEVICES=$gpus
     python3 -m fluxserve.serve --models '' --http-port "$port" --grpc-port $((port + 1)) \
-        --metrics-port $((port + 2)) > "$log-server.log" 2>&1 &
+        --metrics-port $((port + 2)) "${place[@]}" > "$log-server.log" 2>&1 &
     local server=$!
     for _ in $(seq 120); do curl -sf "http://$url/v2/health/ready" >/dev/null && break; sleep 1; done
-    local direct reload
-    direct=$(field direct "$line") reload=$(field reload "$line")
-    timeout "$deadline" python3 -m perf.sweep --url "$url" --models "$(field stacks "$line")" \
-        ${direct:+--direct "$direct"} ${reload:+--reload "$reload"} --output "$out/gpu$gpu" "$@" \
-        > "$log-sweep.log" 2>&1
-    echo "sweep exit $?" >> "$log-sweep.log"
+    for concurrency in ${concurrencies//,/ }; do
+        timeout "$deadline" python3 -m perf.sweep --url "$url" --models "$stacks" --concurrency "$concurrency" \
+            ${direct:+--direct "$direct"} ${reload:+--reload "$reload"} --output "$out/gpu${gpus%%,*}" "$@" \
+            >> "$log-sweep.log" 2>&1
+        echo "sweep (concurrency $concurrency) exit $?" >> "$log-sweep.log"
+    done
     kill -TERM "$server"; wait "$server"
 }
 
-gpu=0
-while read -r line; do
-    [ -n "${line// }" ] || continue
-    shard "$gpu" "$line" "$@" &
-    gpu=$((gpu + 1))
-done < "$plan"
+while IFS='|' read -r index gpus concurrencies stacks direct reload placements; do
+    shard "$index" "$gpus" "$concurrencies" "$stacks" "$direct" "$reload" "$placements" "$@" &
+done <<< "$shards"
 wait

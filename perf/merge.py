@@ -1,6 +1,7 @@
 """Merge sweep folders into one results folder, as perf/results/<gpu>/ is made from several GPU calls.
 
     python3 -m perf.merge DEST SRC [SRC ...] [--baseline-from SRC]
+    python3 -m perf.merge DEST          # no source: only writes results.md and latency.png again
 
 GPU time comes in short calls on one or more GPUs, so one table is measured into several folders (one per call
 and GPU: perf/gpu_sweep.sh's OUT/gpu<i>/). Each SRC's rows replace DEST's rows of the same name and
@@ -8,6 +9,8 @@ configuration, in the order given, and add the others. The baseline's rows (`bf1
 exception: the table's speed-ups are ratios against one run's baseline, so DEST's stay, or, when DEST has none,
 the first SRC's; --baseline-from names the folder whose baseline stands instead. Rows are kept in catalog order,
 environment.json gains the sources' runs, and results.md and latency.png are written again from results.csv.
+Without SRC nothing is merged: the reports are drawn again from DEST's results.csv (after a change to the table or
+the chart's code).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m perf.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dest", type=Path, help="the results folder to merge into (made if missing)")
-    parser.add_argument("sources", type=Path, nargs="+", help="sweep folders, oldest first")
+    parser.add_argument("sources", type=Path, nargs="*",
+                        help="sweep folders, oldest first (none: only write DEST's reports again)")
     parser.add_argument("--baseline", default="bf16", help="the stack the table's ratios compare with (default bf16)")
     parser.add_argument("--baseline-from", type=Path, help="the source whose baseline rows stand")
     return parser.parse_args(argv)
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: {folder} is not a sweep folder: no {' or '.join(missing)}", file=sys.stderr)
             return 2
+    if not args.sources and not (args.dest / "results.csv").exists():
+        print(f"error: {args.dest} has no results.csv to draw the reports from", file=sys.stderr)
+        return 2
     if args.baseline_from is not None and args.baseline_from not in args.sources:
         print(f"error: --baseline-from {args.baseline_from} is not one of the sources", file=sys.stderr)
         return 2

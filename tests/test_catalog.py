@@ -52,6 +52,13 @@ def test_stack_round_trips_through_config_parameters():
         ({"cache": "fbcache", "cache_threshold": 0.2, "compile": "full"}, ["regional"]),
         ({"cache": "teacache", "cache_threshold": 0.6, "cuda_graph": True}, ["cuda_graph", "step cache"]),
         ({"compile": "full", "cuda_graph": True}, ["cuda_graph", "regional"]),
+        ({"parallel": "tensor", "parallel_degree": 2}, ["parallel", "ulysses, ring"]),
+        ({"parallel": "ulysses"}, ["parallel_degree", ">= 2"]),
+        ({"parallel_degree": 2}, ["parallel_degree", "'none'"]),
+        ({"parallel": "ulysses", "parallel_degree": 2, "cache": "teacache", "cache_threshold": 0.6},
+         ["teacache", "activations", "taylorseer"]),
+        ({"parallel": "ulysses", "parallel_degree": 4, "cache": "fbcache", "cache_threshold": 0.3}, ["fbcache"]),
+        ({"parallel": "ring", "parallel_degree": 2}, ["ring", "fa2 or cudnn", "sdpa"]),
     ],
 )
 def test_invalid_stacks_fail_with_a_clear_message(fields, words):
@@ -123,22 +130,58 @@ def test_a_cuda_graph_stack_fails_before_loading_weights_on_cpu():
         check_supported(Stack(cuda_graph=True), torch.device("cpu"))
 
 
-def plan_lines(path) -> list[dict[str, list[str]]]:
-    """perf/gpu_sweep.sh's plan format: per line, space-separated `field=a,b` items."""
-    return [dict((item.split("=", 1)[0], item.split("=", 1)[1].split(",")) for item in line.split())
-            for line in path.read_text().splitlines() if line.strip()]
+PLANS = sorted((ROOT / "perf" / "plans").glob("*.txt"))
 
 
-@pytest.mark.parametrize("plan", sorted((ROOT / "perf" / "plans").glob("*.txt")), ids=lambda path: path.name)
+@pytest.mark.parametrize("plan", PLANS, ids=lambda path: path.name)
 def test_gpu_plans_name_catalog_stacks_and_reload_what_they_measure(plan):
+    from perf.plan import read_plan
+
+    for shard in read_plan(plan):  # checks fields, catalog names, GPUs per line and placements
+        assert shard.stacks[0] == "bf16"  # the baseline first: every ratio within one shard's GPUs
+        assert set(shard.reload) <= set(shard.stacks)  # a second load follows a measured first
+
+
+def planned(pattern: str) -> set[str]:
+    from perf.plan import read_plan
+
+    return {name for plan in PLANS if plan.match(pattern) for shard in read_plan(plan) for name in shard.stacks}
+
+
+def test_the_plans_cover_the_catalog():
     catalog = catalog_by_name()
-    for line in plan_lines(plan):
-        assert set(line) <= {"stacks", "direct", "reload"} and line["stacks"][0] == "bf16"
-        assert not set(sum(line.values(), [])) - set(catalog), f"{plan.name}: not in the catalog"
-        assert set(line.get("reload", [])) <= set(line["stacks"])  # a second load follows a measured first
+    assert planned("h200-x4-eager.txt") | planned("h200-x4-compile.txt") == {
+        name for name, stack in catalog.items() if stack.gpus == 1}
+    multi_gpu = {name for name, stack in catalog.items() if stack.gpus > 1}
+    assert multi_gpu <= planned("h200-x[248]-*parallel*.txt") | planned("h200-x8-*.txt")
 
 
-def test_the_four_gpu_plans_cover_every_one_gpu_stack():
-    planned = {name for kind in ("eager", "compile") for line in plan_lines(ROOT / f"perf/plans/h200-x4-{kind}.txt")
-               for name in line["stacks"]}
-    assert planned == {name for name, stack in catalog_by_name().items() if stack.gpus == 1}
+@pytest.mark.parametrize(
+    "line,words",
+    [
+        ("stacks=bf16 gpus=0-1\nstacks=bf16 gpus=1-2", ["already serve another line"]),
+        ("stacks=bf16,bf16-cp4 gpus=0-1", ["takes 4 GPUs", "has 2"]),
+        ("stacks=bf16 speed=fast", ["fields are"]),
+        ("stacks=bf16,bf16-nope", ["not in the catalog", "bf16-nope"]),
+        ("stacks=bf16 gpus=0-3 concurrency=1,x", ["whole numbers"]),
+        ("stacks=bf16,bf16-cp4 gpus=0-7 place=bf16-cp4=0-3,3-6", ["GPU 3 is given twice"]),
+        ("stacks=bf16 gpus=0-7 place=bf16-cp4=0-3", ["names no stack of the line"]),
+    ],
+)
+def test_a_plan_that_cannot_run_says_why(tmp_path, line, words):
+    from perf.plan import PlanError, read_plan
+
+    (tmp_path / "plan.txt").write_text(line + "\n")
+    with pytest.raises(PlanError) as error:
+        read_plan(tmp_path / "plan.txt")
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_lines_without_gpus_take_the_gpus_no_line_names(tmp_path):
+    from perf.plan import read_plan
+
+    (tmp_path / "plan.txt").write_text("stacks=bf16\nstacks=bf16,bf16-cp2 gpus=0-1 concurrency=1,2\nstacks=bf16\n")
+    shards = read_plan(tmp_path / "plan.txt")
+    assert [shard.gpus for shard in shards] == [(2,), (0, 1), (3,)]
+    assert shards[1].concurrency == (1, 2) and shards[0].concurrency == (1,)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from conftest import ROOT, start_server
 
-MODELS = ["fp16", "bf16", "bf16-fbcache-0.3"]  # the baseline (bf16) is not first: the sweep measures it first
-EXPECTED_ORDER = ["bf16", "bf16 (direct)", "fp16", "bf16-fbcache-0.3"]  # a direct run right after its served one
-SERVED = [0, 2, 3]
+MODELS = ["fp16", "bf16", "bf16-fbcache-0.3", "bf16-cp2"]  # the baseline (bf16) is measured first all the same
+EXPECTED_ORDER = ["bf16", "bf16 (direct)", "fp16", "bf16-fbcache-0.3", "bf16-cp2"]  # direct right after served
+SERVED = [0, 2, 3, 4]
 REQUESTS = 3
 SWEEP_TIMEOUT_S = 600
 TIME_COLUMNS = {"Average Time (s)": "average_s", "Min Time (s)": "min_s", "P50 Time (s)": "p50_s",
@@ -81,10 +81,25 @@ def test_sweep_measures_every_stack_baseline_first_and_shows_progress(first_run)
         assert row["mode"] == "server"
         assert 0 <= float(row["queue_s"]) and 0 < float(row["compute_s"]) <= float(row["average_s"])
     assert rows[1]["mode"] == "direct" and rows[1]["queue_s"] == ""
-    assert [row["second_load_s"] != "" for row in rows] == [False, False, True, False]  # --reload fp16
+    assert [row["second_load_s"] != "" for row in rows] == [False, False, True, False, False]  # --reload fp16
     assert float(rows[2]["second_load_s"]) > 0 and "second load in" in stdout
-    assert "[1/4] bf16: loaded in" in stdout and f"request {REQUESTS}/{REQUESTS}" in stdout
-    assert "[2/4] bf16 (direct): built in" in stdout
+    assert "[1/5] bf16: loaded in" in stdout and f"request {REQUESTS}/{REQUESTS}" in stdout
+    assert "[2/5] bf16 (direct): built in" in stdout
+
+
+def test_throughput_is_the_measured_requests_over_their_wall_time(first_run):
+    output, _ = first_run
+    for row in csv_rows(output):
+        wall_s = REQUESTS / float(row["images_per_s"])
+        # two at a time: the whole run outlasts its slowest request, and not the requests one after another
+        assert float(row["p99_s"]) <= wall_s <= REQUESTS * float(row["average_s"]) + 0.5, row["name"]
+
+
+def test_a_multi_gpu_stack_is_compared_with_the_same_stack_on_one_gpu(first_run):
+    output, _ = first_run
+    psnr = {row["name"]: row["psnr_one_gpu_db"] for row in csv_rows(output)}
+    assert float(psnr.pop("bf16-cp2")) >= 40  # against bf16's image: the same stack in one process
+    assert set(psnr.values()) == {""}
 
 
 def test_psnr_is_against_the_baseline_image(first_run):
@@ -117,17 +132,102 @@ def test_markdown_table_agrees_with_the_csv(first_run):
         assert speedup == pytest.approx(baseline_p50 / float(row["p50_s"]), abs=0.0051)
         psnr, expected = line["PSNR vs bf16 (dB)"], float(row["psnr_db"])
         assert psnr == "inf" if math.isinf(expected) else float(psnr) == pytest.approx(expected, abs=0.051)
+        assert float(line["Images/s"]) == pytest.approx(float(row["images_per_s"]), abs=0.00051)
+        one_gpu = row["psnr_one_gpu_db"]
+        assert line["PSNR vs one GPU (dB)"] == ("" if not one_gpu else "inf" if math.isinf(float(one_gpu))
+                                                else f"{float(one_gpu):.1f}")
     assert table[2]["Seed row"] == "Baseline (FP16)" and table[0]["Speed-up vs bf16"] == "1.00x"
 
 
 def test_chart_plots_the_csv_numbers(first_run):
     output, _ = first_run
     chart = Image.open(output / "latency.png")
-    assert chart.format == "PNG" and chart.size[0] >= 600
+    assert chart.format == "PNG" and chart.size[0] == 1200
     plotted = json.loads(chart.info["fluxserve"])
     assert list(plotted) == EXPECTED_ORDER
     for row in csv_rows(output):
-        assert plotted[row["name"]] == {key: float(row[key]) for key in ("p50_s", "p90_s", "p99_s")}
+        assert {key: plotted[row["name"]][key] for key in ("p50_s", "p90_s", "p99_s")} == {
+            key: float(row[key]) for key in ("p50_s", "p90_s", "p99_s")}
+    assert sorted(plotted, key=lambda name: plotted[name]["rank"]) == sorted(plotted, key=lambda name: plotted[name]["p50_s"])
+    assert {name: entry["family"] for name, entry in plotted.items()} == {
+        "bf16": "eager", "bf16 (direct)": "eager", "fp16": "eager", "bf16-fbcache-0.3": "step cache",
+        "bf16-cp2": "multi-GPU"}
+
+
+def synthetic_row(name: str, p50_s: float, steps_computed: float = 28.0):
+    """A results row as a sweep writes it, without measuring anything."""
+    from perf.sweep import DIRECT_SUFFIX, Config, Row
+
+    config = Config("http", 1024, 1024, 28, 3.5, 10, 1, 0, "3ee57c87")
+    return Row(name=name, mode="direct" if name.endswith(DIRECT_SUFFIX) else "server", config=config, count=10,
+               average_s=p50_s, min_s=0.98 * p50_s, p50_s=p50_s, p90_s=1.02 * p50_s, p99_s=1.05 * p50_s,
+               images_per_s=1 / p50_s,
+               steps_computed=float(steps_computed), load_s=10.0, second_load_s=None, queue_s=None, compute_s=None,
+               model_s=None, denoise_s=None, text_encode_s=None, vae_decode_s=None, peak_memory_gib=None,
+               psnr_db=None, psnr_one_gpu_db=None, image="images/none.png", device="cuda:0", weights="synthetic:full",
+               attention_kernel="", cudnn_version=None, measured_at="2026-12-01T00:00:00+00:00")
+
+
+CHART_ROWS = {  # name: (P50 s, steps computed, family)
+    "bf16": (5.25, 28, "eager"),
+    "bf16 (direct)": (5.22, 28, "eager"),
+    "bf16-cudnn-cudagraph": (5.42, 28, "eager"),
+    "bf16-teacache-0.6": (1.94, 9, "step cache"),
+    "bf16-fbcache-0.4": (3.87, 19.9, "step cache"),
+    "bf16-fp8": (10.52, 28, "fp8 / int8, eager"),
+    "bf16-fa2-fbcache-0.3-int8": (42.74, 28, "fp8 / int8, eager"),
+    "bf16-compile-regional": (4.06, 28, "compiled"),
+    "bf16-cudnn-fp8row-fusedqkv-compile-regional-cudagraph (direct)": (3.11, 28, "compiled + fp8"),
+    "bf16-cudnn-fbcache-0.3-fp8-fusedqkv-compile-regional": (3.41, 28, "compiled + fp8"),
+    "bf16-cp2": (2.9, 28, "multi-GPU"),
+    "bf16-cudnn-ring4": (2.1, 28, "multi-GPU"),
+    "bf16-taylorseer-interval5-cp2": (1.2, 8, "multi-GPU"),
+    "something-else": (0.4, 28, "other"),
+}
+
+
+def test_chart_sorts_by_latency_and_colours_by_family(tmp_path):
+    from perf.sweep import FAMILIES, chart_family, write_chart
+
+    from fluxserve.stacks import CATALOG
+
+    rows = [synthetic_row(name, p50, steps) for name, (p50, steps, _) in CHART_ROWS.items()]
+    write_chart(tmp_path / "latency.png", rows, "NVIDIA H200: a title", "bf16")
+    chart = Image.open(tmp_path / "latency.png")
+    assert chart.size[0] == 1200 and chart.size[1] < 2000  # readable at its size, no 4000 px strip
+    plotted = json.loads(chart.info["fluxserve"])
+    assert list(plotted) == list(CHART_ROWS)  # results.csv's order, the chart's own in `rank`
+    by_rank = sorted(plotted, key=lambda name: plotted[name]["rank"])
+    assert by_rank == sorted(CHART_ROWS, key=lambda name: CHART_ROWS[name][0])
+    assert {name: entry["family"] for name, entry in plotted.items()} == {
+        name: family for name, (_, _, family) in CHART_ROWS.items()}
+    families = {chart_family(stack.name) for stack in CATALOG}
+    assert families == set(FAMILIES) - {"other"}  # every family but `other` has catalog stacks
+    assert all(chart_family(stack.name) == "multi-GPU" for stack in CATALOG if stack.gpus > 1)
+
+
+def test_merge_without_sources_draws_the_reports_again(tmp_path):
+    from perf.merge import catalog_order
+    from perf.sweep import read_runs, write_rows, write_runs
+
+    folder = tmp_path / "h200"
+    folder.mkdir()
+    rows = sorted((synthetic_row(name, p50, steps) for name, (p50, steps, _) in CHART_ROWS.items()), key=catalog_order)
+    write_rows(folder / "results.csv", rows)
+    run = {"command": "python -m perf.sweep", "date": "2026-12-01T00:00:00+00:00", "python": "3.12",
+           "versions": {"torch": "2.11.0"}, "triton_server": "2.51.0", "gpu": "NVIDIA H200", "cuda": "13.0",
+           "driver": "580"}
+    write_runs(folder, [run])
+    before = (folder / "results.csv").read_text()
+    done = subprocess.run([sys.executable, "-m", "perf.merge", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (folder / "results.csv").read_text() == before and read_runs(folder) == [run]
+    assert list(json.loads(Image.open(folder / "latency.png").info["fluxserve"])) == [row.name for row in rows]
+    assert "![latency per stack](latency.png)" in (folder / "results.md").read_text()
+    done = subprocess.run([sys.executable, "-m", "perf.merge", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no results.csv" in done.stderr
 
 
 def test_environment_records_command_and_versions(first_run):
@@ -144,7 +244,7 @@ def test_rerun_skips_finished_stacks_and_goes_on_past_a_failing_one(server, firs
     before = (output / "results.csv").read_text()
     done = sweep(server, output, [*MODELS, "bf16-fp8", "bf16-fbcache-0.2"], "--direct", "bf16")
     assert done.returncode == 1  # bf16-fp8 cannot load on CPU
-    assert done.stdout.count("already in results.csv for this configuration: skipped") == 4
+    assert done.stdout.count("already in results.csv for this configuration: skipped") == 5
     assert "bf16-fp8: FAILED: load failed for model 'bf16-fp8'" in done.stdout
     assert "compute capability 8.9" in done.stdout and "Traceback" not in done.stdout + done.stderr
     after = (output / "results.csv").read_text()
@@ -189,7 +289,7 @@ def test_gpu_sweep_refuses_a_plan_with_more_shards_than_gpus(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "perf" / "gpu_sweep.sh"), str(plan), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert f"has {gpus + 1} shard line(s) but this host has {gpus} GPU(s)" in done.stderr
+    assert f"has {gpus + 1} shard line(s) on GPU(s) " in done.stderr and f"this host has {gpus} GPU(s)" in done.stderr
     assert not (tmp_path / "out" / "logs" / "gpu0-server.log").exists()  # no server was started
 
 
