@@ -27,7 +27,8 @@ from kubernetes_validate import utils as validate_utils
 from conftest import ROOT
 from fluxserve import deployment, serve
 from fluxserve.contract import ADMIN_KEY_ENV
-from fluxserve.placement import parse_gpus
+from fluxserve.placement import GPU_GROUPS_PARAMETER, parse_groups
+from fluxserve.repository import PARAMETER_LINE
 from fluxserve.stacks import Stack, catalog_by_name
 from fluxserve.weights import ENV_VAR as WEIGHTS_ENV
 
@@ -74,22 +75,14 @@ class Launched(Exception):
     """Raised in place of the launcher's exec: carries the tritonserver command line and its environment."""
 
 
-def launch(container: dict, monkeypatch) -> tuple[list[str], dict[str, str], dict[str, str]]:
+def launch(container: dict, monkeypatch, placed: Path) -> tuple[list[str], dict[str, str]]:
     """Run the launcher's main on the container's arguments and environment (Secrets as a stand-in value), up to
-    the exec of tritonserver. `--gpus MODEL=SPEC` (issue 16, not yet in this branch's launcher) is taken out and
-    returned by model, for fluxserve.placement to parse."""
+    the exec of tritonserver; the repository copy its --gpus places models in goes under `placed`."""
     args = container["args"]
     assert args[:len(deployment.LAUNCHER)] == list(deployment.LAUNCHER)
-    flags, placements = [], {}
-    rest = iter(args[len(deployment.LAUNCHER):])
-    for arg in rest:
-        if arg == "--gpus":
-            model, spec = next(rest).split("=", 1)
-            placements[model] = spec
-        else:
-            flags.append(arg)
     for variable in container["env"]:
         monkeypatch.setenv(variable["name"], variable.get("value", "from-a-secret"))
+    monkeypatch.setattr(serve, "PLACED_REPOSITORIES", placed)
     monkeypatch.setattr(serve, "find_triton", lambda: serve.TritonInstall(serve.SYSTEM_TRITON))
     monkeypatch.setattr(serve, "resolve_weights", lambda spec: spec)  # the volume is not here
 
@@ -98,9 +91,8 @@ def launch(container: dict, monkeypatch) -> tuple[list[str], dict[str, str], dic
 
     monkeypatch.setattr(serve.os, "execvpe", execvpe)
     with pytest.raises(Launched) as launched:
-        serve.main(flags)
-    command, env = launched.value.args
-    return command, env, placements
+        serve.main(args[len(deployment.LAUNCHER):])
+    return launched.value.args
 
 
 def flag_values(command: list[str], flag: str) -> list[str]:
@@ -180,9 +172,9 @@ def test_scaled_object_scales_the_deployment_on_queue_time(folder):
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
-def test_the_launcher_binds_the_ports_the_manifests_expose(folder, monkeypatch):
+def test_the_launcher_binds_the_ports_the_manifests_expose(folder, monkeypatch, tmp_path):
     container = server(folder)
-    command, env, _ = launch(container, monkeypatch)
+    command, env = launch(container, monkeypatch, tmp_path)
     ports = {name: int(flag_value(command, f"--{name}-port")) for name in ("http", "grpc", "metrics")}
     assert ports == {name: container_port(container, name) for name in ports}
     assert flag_value(command, "--http-address") == "0.0.0.0"
@@ -199,16 +191,17 @@ def test_the_launcher_binds_the_ports_the_manifests_expose(folder, monkeypatch):
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
-def test_the_launcher_refuses_the_pod_without_its_admin_key(folder, monkeypatch):
+def test_the_launcher_refuses_the_pod_without_its_admin_key(folder, monkeypatch, tmp_path):
     container = server(folder)
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     with pytest.raises(SystemExit, match=ADMIN_KEY_ENV):
-        launch({**container, "env": [v for v in container["env"] if v["name"] != ADMIN_KEY_ENV]}, monkeypatch)
+        launch({**container, "env": [v for v in container["env"] if v["name"] != ADMIN_KEY_ENV]}, monkeypatch,
+               tmp_path)
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
-def test_shutdown_outlasts_the_exit_timeout(folder, monkeypatch):
-    command, _, _ = launch(server(folder), monkeypatch)
+def test_shutdown_outlasts_the_exit_timeout(folder, monkeypatch, tmp_path):
+    command, _ = launch(server(folder), monkeypatch, tmp_path)
     exit_timeout = int(flag_value(command, "--exit-timeout-secs"))
     pod = only(folder, "Deployment")["spec"]["template"]["spec"]
     pre_stop = int(server(folder)["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -251,14 +244,15 @@ def test_the_a100_profile_serves_no_fp8_stack():
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
-def test_gpus_requested_are_the_gpus_the_models_are_placed_on(folder, monkeypatch):
-    catalog = catalog_by_name()
+def test_gpus_requested_are_the_gpus_the_launcher_places_the_models_on(folder, monkeypatch, tmp_path):
     container = server(folder)
-    _, _, placements = launch(container, monkeypatch)
-    assert set(placements) == set(served_models(container))
+    command, _ = launch(container, monkeypatch, tmp_path)
+    repository = Path(flag_value(command, "--model-repository"))
+    assert repository.parent == tmp_path, "every model is placed with --gpus"
     used = set()
-    for model, spec in placements.items():
-        used |= {gpu for gpus in parse_gpus(spec, catalog[model].gpus, model) for gpu in gpus}
+    for model in served_models(container):
+        parameters = dict(PARAMETER_LINE.findall((repository / model / "config.pbtxt").read_text()))
+        used |= {gpu for gpus in parse_groups(parameters[GPU_GROUPS_PARAMETER]) for gpu in gpus}
     requested = container["resources"]["limits"]["nvidia.com/gpu"]
     assert container["resources"]["requests"]["nvidia.com/gpu"] == requested
     assert used == set(range(requested))
