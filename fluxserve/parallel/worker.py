@@ -38,26 +38,25 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def join_group(build: Build, backend: str | None = None) -> torch.device:
-    """Join the group: NCCL for the GPUs' tensors and gloo for the host's, or gloo alone on CPU (`backend`
-    overrides: gloo on one GPU checks the code path where a host has a single GPU, NCCL refusing two ranks on it)."""
+def join_group(build: Build) -> torch.device:
+    """Join the group: NCCL for the GPUs' tensors and gloo for the host's, or gloo alone on CPU."""
     device = torch.device(build.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group: NCCL and diffusers' device mesh take the current device
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // build.world_size))  # the ranks share the cores
-    backend = backend or ("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend, init_method=f"file://{build.rendezvous}", rank=build.rank, world_size=build.world_size,
-        timeout=timedelta(seconds=build.timeout_s), device_id=device if "nccl" in backend else None,
+        timeout=timedelta(seconds=build.timeout_s), device_id=device if device.type == "cuda" else None,
     )
     return device
 
 
-def join_and_build(build: Build, backend: str | None = None) -> StackPipeline:
+def join_and_build(build: Build) -> StackPipeline:
     """Join the group, then build the stack as a one-GPU instance would, context parallelism included
     (`optimize.apply_context_parallel`)."""
-    device = join_group(build, backend)
+    device = join_group(build)
     return build_pipeline(Stack.from_parameters(build.parameters), parse_source(build.weights), device, build.warm_up)
 
 

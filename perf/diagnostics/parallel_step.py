@@ -8,9 +8,8 @@ VAE are timed too: every rank encodes the prompt, only rank 0 decodes. With `--c
 same stack in one process and reports the PSNR of the split image against it. Prints one JSON line per stack and
 rank.
 
-`--one-gpu` puts every rank on GPU 0 with gloo (NCCL refuses two ranks on one GPU): a functional check of the GPU
-code path (kernels, compilation, quantization under context parallelism) on a one-GPU host; its times are not
-multi-GPU times.
+It needs a GPU per rank: NCCL refuses two ranks on one GPU, and gloo with the GPU's tensors, tried on a one-GPU
+H200 host (perf/results/h200, session 6), crashed a rank (SIGSEGV).
 
     python3 -m perf.diagnostics.parallel_step --stacks bf16-cp2,bf16-cp4 --compare
 """
@@ -53,7 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stacks", type=stack_names, required=True, metavar="STACK,...",
                         help="multi-GPU stacks of the catalog")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--one-gpu", action="store_true", help="every rank on GPU 0, through gloo (a functional check)")
     parser.add_argument("--compare", action="store_true",
                         help="rank 0 also builds the stack in one process: PSNR of the split image against it")
     add_request_arguments(parser, requests=2)
@@ -86,10 +84,10 @@ def measure(rank: int, world_size: int, stack_name: str, args: argparse.Namespac
     from torch.profiler import ProfilerActivity, profile
 
     stack = catalog_by_name()[stack_name]
-    device = "cpu" if args.device == "cpu" else "cuda:0" if args.one_gpu else f"cuda:{rank}"
+    device = "cpu" if args.device == "cpu" else f"cuda:{rank}"
     request = request_from(args)
     pipeline = join_and_build(Build(stack.to_parameters(), args.weights, rank, world_size, device, rendezvous,
-                                    request, 1800.0), backend="gloo" if args.one_gpu else None)
+                                    request, 1800.0))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     generations = [pipeline.generate(request, decode=rank == 0) for _ in range(args.requests)]
     steps = sum(generation.steps_run for generation in generations)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from fluxserve.contract import GenerationRequest
-from fluxserve.pipeline import StackPipeline, build_pipeline, finished_time
+from fluxserve.pipeline import StackPipeline, build_pipeline, compile_counters, finished_time
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
 from perf.diagnostics.in_process import add_request_arguments, request_from
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         pipeline = build_pipeline(catalog_by_name()[name], weights, device, warm_up=request)
         load_s = time.perf_counter() - started
+        before = compile_counters()
         times = forward_times_ms(pipeline, request, args.requests)
+        compiled = {key: value - before[key] for key, value in compile_counters().items() if value != before[key]}
         computed, skipped = rounded_median(times["computed"]), rounded_median(times["skipped"])
         print(json.dumps({
             "stack": name, "device": pipeline.device_name, "requests": args.requests, "steps": args.steps,
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             "computed_ms_median": computed, "skipped_ms_median": skipped,
             "skipped_vs_computed": round(skipped / computed, 4) if computed and skipped is not None else None,
             "load_s": round(load_s, 1),
+            "compiled_while_serving": compiled,  # torch.compile's counters that moved during the timed requests
         }), flush=True)
         del pipeline
         gc.collect()
