@@ -30,27 +30,17 @@ from fluxserve.parallel.worker import join_and_build
 from fluxserve.pipeline import build_pipeline, release_memory
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
-from perf.diagnostics.in_process import add_request_arguments, request_from
+from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
 from perf.sweep import psnr
 
 MULTI_GPU_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.gpus > 1)
 COLLECTIVE_MARKERS = ("nccl", "gloo", "all_to_all", "alltoall", "all_gather", "allgather", "broadcast")
 
 
-def stack_names(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in MULTI_GPU_STACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"not a multi-GPU stack: {', '.join(unknown)}; "
-                                         f"allowed: {', '.join(MULTI_GPU_STACKS)}")
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.parallel_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stacks", type=stack_names, required=True, metavar="STACK,...",
-                        help="multi-GPU stacks of the catalog")
+    add_stacks_argument(parser, MULTI_GPU_STACKS, "multi-GPU")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compare", action="store_true",
                         help="rank 0 also builds the stack in one process: PSNR of the split image against it")

@@ -23,25 +23,15 @@ from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import StackPipeline, build_pipeline, compile_counters, finished_time
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
-from perf.diagnostics.in_process import add_request_arguments, request_from
+from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
 
-CACHE_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.cache != "none")
-
-
-def stack_names(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in CACHE_STACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"not a step-cache stack: {', '.join(unknown)}; "
-                                         f"allowed: {', '.join(CACHE_STACKS)}")
-    return names
+CACHE_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.cache != "none" and stack.gpus == 1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.step_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stacks", type=stack_names, required=True, metavar="STACK,...",
-                        help="step-cache stacks of the catalog")
+    add_stacks_argument(parser, CACHE_STACKS, "step-cache")
     add_request_arguments(parser, requests=2)
     return parser.parse_args(argv)
 
