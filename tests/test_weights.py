@@ -1,0 +1,93 @@
+"""Real weights, end to end: a pipeline saved with `save_pretrained` (the tiny synthetic one, sharded) served from a
+folder and from a local Hugging Face cache entry (hub id, offline), and broken folders failing with the file named
+(diffusers and safetensors name it; the model's load error carries their message)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import MODEL_PY, config_pbtxt, start_server
+from fluxserve.stacks import Stack
+from test_serving import infer, info_of, output
+
+HUB_ID = "fluxserve-tests/tiny-flux"
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+CUT_SHARD = "transformer/diffusion_pytorch_model-00001-of-00002.safetensors"
+MISSING_SHARD = "text_encoder_2/model-00002-of-00002.safetensors"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """synthetic:tiny saved as a diffusers folder, its larger components in two shards each."""
+    from fluxserve.synthetic import build_synthetic_pipeline
+
+    folder = tmp_path_factory.mktemp("weights") / "tiny-flux"
+    build_synthetic_pipeline("tiny", torch.bfloat16, "cpu").save_pretrained(folder, max_shard_size="200KB")
+    assert (folder / CUT_SHARD).is_file() and (folder / MISSING_SHARD).is_file()
+    return folder
+
+
+def broken_copy(saved, folder, cut: str | None = None, missing: str | None = None):
+    shutil.copytree(saved, folder)
+    if cut:
+        with open(folder / cut, "r+b") as file:
+            file.truncate((folder / cut).stat().st_size // 2)
+    if missing:
+        (folder / missing).unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def weights_server(saved, tmp_path_factory):
+    """One server whose models differ only by their `weights` parameter: the folder, the hub id, broken folders."""
+    root = tmp_path_factory.mktemp("weights-server")
+    hub = root / "hub"
+    repo = hub / f"models--{HUB_ID.replace('/', '--')}"
+    shutil.copytree(saved, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    broken = {"bf16-cut": broken_copy(saved, root / "cut", cut=CUT_SHARD),
+              "bf16-missing": broken_copy(saved, root / "missing", missing=MISSING_SHARD)}
+    repository = root / "model_repository"
+    for name, weights in (("bf16-folder", saved), ("bf16-hub", HUB_ID), *broken.items()):
+        (repository / name / "1").mkdir(parents=True)
+        config = config_pbtxt(Stack()).replace('name: "bf16"', f'name: "{name}"')
+        config += f'parameters {{ key: "weights" value: {{ string_value: "{weights}" }} }}\n'
+        (repository / name / "config.pbtxt").write_text(config)
+        (repository / name / "1" / "model.py").write_text(MODEL_PY)
+    server = start_server(root, ["bf16-folder", "bf16-hub"], repository,
+                          env_extra={"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
+    yield server, broken
+    server.stop()
+
+
+def test_saved_weights_serve_the_same_image_from_a_folder_and_from_the_hub_cache(weights_server, saved, server):
+    served, _ = weights_server
+    synthetic = infer(server, "bf16", SEED=8, STEPS=3, HEIGHT=64, WIDTH=96)  # the session's synthetic:tiny server
+    folder, hub = (infer(served, model, SEED=8, STEPS=3, HEIGHT=64, WIDTH=96) for model in ("bf16-folder", "bf16-hub"))
+    assert info_of(folder)["weights"] == str(saved) and info_of(hub)["weights"] == HUB_ID
+    assert info_of(synthetic)["weights"] == "synthetic:tiny"
+    # The saved pipeline is synthetic:tiny's (seeded): reloaded in bf16 it gives the very same image.
+    assert np.array_equal(output(folder, "IMAGE"), output(synthetic, "IMAGE"))
+    assert np.array_equal(output(hub, "IMAGE"), output(synthetic, "IMAGE"))
+    assert set(info_of(folder)["load_phases_s"]) == {"weights", "stack", "warm_up", "kernel_check"}
+
+
+@pytest.mark.parametrize("model,shard,words", [("bf16-cut", CUT_SHARD, "Unable to load weights"),
+                                               ("bf16-missing", MISSING_SHARD, "No such file")])
+def test_a_broken_shard_fails_the_load_with_the_file_named_and_the_rest_serves(weights_server, model, shard, words):
+    server, broken = weights_server
+    client = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException) as error:
+        client.load_model(model)
+    message = error.value.message()
+    assert str(broken[model] / shard) in message and words in message and "cannot load FLUX weights" in message
+    assert not client.is_model_ready(model) and client.is_model_ready("bf16-folder")
+    client.close()  # an open connection holds a stopping server for its whole exit timeout
+    assert output(infer(server, "bf16-folder", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
