@@ -22,13 +22,16 @@ class PlacementError(ValueError):
     """A placement that cannot be served: malformed, wrong number of GPUs per instance, a GPU used twice."""
 
 
-def parse_gpus(spec: str, gpus_per_instance: int, model: str = "model") -> Placement:
-    """'0,1,2,3' -> four instances of one GPU; '0-1,2-3' or '0+1,2+3' -> two instances of two GPUs.
+def parse_model_gpus(spec: str) -> tuple[str, Placement]:
+    """'MODEL=GPUS' (the launcher's --gpus) -> the model and its placement, not yet checked against its stack
+    (`check_placement`, which `repository.place_config` calls with the model's own GPU count).
 
-    Instances are separated by commas; an instance of several GPUs is a range `a-b` or a list `a+b+c`."""
-    placement = tuple(parse_instance(part.strip(), f"--gpus {model}={spec}") for part in spec.split(","))
-    check_placement(placement, gpus_per_instance, model)
-    return placement
+    GPUS: '0,1,2,3' -> four instances of one GPU; '0-1,2-3' or '0+1,2+3' -> two instances of two GPUs. Instances
+    are separated by commas; an instance of several GPUs is a range `a-b` or a list `a+b+c`."""
+    model, _, gpus = spec.partition("=")
+    if not model or not gpus:
+        raise PlacementError(f"--gpus {spec}: expected MODEL=GPUS")
+    return model, tuple(parse_instance(part.strip(), f"--gpus {spec}") for part in gpus.split(","))
 
 
 def parse_instance(part: str, where: str) -> tuple[int, ...]:

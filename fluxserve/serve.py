@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
-from .placement import PlacementError, parse_gpus
-from .repository import PARAMETER_LINE, REPOSITORY, placed_repository
+from .placement import parse_model_gpus
+from .repository import REPOSITORY, placed_repository
 from .shared_dirs import content_keyed_directory
-from .stacks import DEFAULT_STACK, Stack
+from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
 
@@ -194,18 +194,10 @@ def place_models(repository: Path, specs: list[str]) -> Path:
     """The repository to serve: `repository` itself, or a copy with the models of `--gpus MODEL=SPEC` placed."""
     if not specs:
         return repository
-    placements = {}
-    for spec in specs:
-        model, _, gpus = spec.partition("=")
-        config = repository / model / "config.pbtxt"
-        if not gpus or not config.is_file():
-            raise SystemExit(f"--gpus {spec}: expected MODEL=GPUS with MODEL in {repository}")
-        try:
-            stack = Stack.from_parameters(dict(PARAMETER_LINE.findall(config.read_text())))
-            placements[model] = parse_gpus(gpus, stack.gpus, model)
-        except (PlacementError, ValueError) as exc:
-            raise SystemExit(str(exc)) from None
-    return placed_repository(repository, placements, PLACED_REPOSITORIES)
+    try:  # each placement is checked against its model's stack as its config is placed
+        return placed_repository(repository, dict(map(parse_model_gpus, specs)), PLACED_REPOSITORIES)
+    except ValueError as exc:  # a PlacementError, or a config whose stack parameters are invalid
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxserve.placement import PlacementError, check_placement, parse_gpus, parse_instance
+from fluxserve.placement import PlacementError, check_placement, parse_instance, parse_model_gpus
 from fluxserve.stacks import catalog_by_name
 
 FIELDS = ("stacks", "direct", "reload", "gpus", "concurrency", "place")
@@ -82,11 +82,11 @@ def read_plan(path: Path) -> list[Shard]:
             raise PlanError(f"{path}:{number}: concurrency takes whole numbers, got {line['concurrency']}") from None
         place = tuple(filter(None, line.get("place", "").split(";")))
         for spec in place:
-            model, _, gpus = spec.partition("=")
-            if model not in split["stacks"]:
-                raise PlanError(f"{path}:{number}: place={spec} names no stack of the line")
             try:
-                parse_gpus(gpus, catalog[model].gpus, model)
+                model, placement = parse_model_gpus(spec)
+                if model not in split["stacks"]:
+                    raise PlanError(f"{path}:{number}: place={spec} names no stack of the line")
+                check_placement(placement, catalog[model].gpus, model)
             except PlacementError as exc:
                 raise PlanError(f"{path}:{number}: {exc}") from None
         shard = Shard(**split, gpus=line.get("gpus") or (next(free),), concurrency=concurrency, place=place)

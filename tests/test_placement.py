@@ -8,10 +8,17 @@ import torch
 
 from conftest import ROOT
 from fluxserve import serving
-from fluxserve.placement import PlacementError, instance_gpus, parse_gpus
+from fluxserve.placement import PlacementError, check_placement, instance_gpus, parse_model_gpus
 from fluxserve.repository import PARAMETER_LINE, config_pbtxt, place_config, placed_repository
 from fluxserve.serve import place_models
 from fluxserve.stacks import catalog_by_name
+
+
+def parse_gpus(spec: str, gpus: int, model: str = "model"):
+    """What the launcher does with --gpus MODEL=SPEC for a stack of `gpus` GPUs."""
+    name, placement = parse_model_gpus(f"{model}={spec}")
+    check_placement(placement, gpus, name)
+    return placement
 
 
 @pytest.mark.parametrize(
