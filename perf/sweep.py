@@ -445,19 +445,19 @@ def mean_timing_s(results: list[GenerateResult], phase: str) -> float:
 
 
 def make_row(name: str, mode: str, config: Config, measurement: Measurement, folder: Path, baseline: str) -> Row:
-    """Summarise a measurement; save its reference image and compare it with the baseline's, if there is one."""
+    """Summarise a measurement; save its reference image and compare it with the baseline's and, for a multi-GPU
+    stack, the same stack's on one GPU, where those were measured."""
     images = folder / "images"
     image_path = images / config.image_name(name)
     image_path.write_bytes(measurement.reference.png)
-    baseline_path = images / config.image_name(baseline)
-    deviation = None
-    if baseline_path.exists():
-        deviation = psnr(read_png(measurement.reference.png), read_png(baseline_path.read_bytes()))
-    one_gpu = one_gpu_counterpart(name.removesuffix(DIRECT_SUFFIX))
-    one_gpu_path = images / config.image_name(one_gpu) if one_gpu else None
-    one_gpu_deviation = None
-    if one_gpu_path is not None and one_gpu_path.exists():
-        one_gpu_deviation = psnr(read_png(measurement.reference.png), read_png(one_gpu_path.read_bytes()))
+    reference = read_png(measurement.reference.png)
+
+    def deviation_from(stack_name: str | None) -> float | None:
+        path = images / config.image_name(stack_name) if stack_name else None
+        return psnr(reference, read_png(path.read_bytes())) if path is not None and path.exists() else None
+
+    deviation = deviation_from(baseline)
+    one_gpu_deviation = deviation_from(one_gpu_counterpart(name.removesuffix(DIRECT_SUFFIX)))
     results = measurement.results
     latency = LatencySummary.of([result.latency_s for result in results])
     peaks = [r.info["peak_memory_gib"] for r in (measurement.reference, *results)]
