@@ -186,8 +186,13 @@ class WorkerGroup:
                         raise WorkerFault("the model was unloaded while its workers started")
                     self._spawned.append(worker)
             for worker in workers:
-                self._send(worker, Build(self.parameters, self.weights, worker.rank, len(workers), str(worker.device),
-                                         str(rendezvous), self.warm_up_request, self.timeouts.load_s))
+                build = Build(self.parameters, self.weights, worker.rank, len(workers), str(worker.device),
+                              str(rendezvous), self.warm_up_request, self.timeouts.load_s)
+                try:  # not `_send`: a worker lost while loading fails the load, it is no fault to restart from
+                    worker.connection.send(build)
+                except OSError:
+                    raise RuntimeError(f"{self.stack.name}: {worker} {worker.exit_status() or 'cannot be reached'} "
+                                       "while loading (see the server log)") from None
             ready = self._wait_ready(workers)
         except BaseException:
             self._discard(workers)
@@ -273,6 +278,7 @@ class WorkerGroup:
                     worker.process.wait()
 
     def _send(self, worker: Worker, message) -> None:
+        """Send to a serving worker; one that cannot be reached is a fault."""
         try:
             worker.connection.send(message)
         except OSError:

@@ -38,8 +38,9 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def join_group(build: Build) -> torch.device:
-    """Join the group: NCCL for the GPUs' tensors and gloo for the host's, or gloo alone on CPU."""
+def join_and_build(build: Build) -> StackPipeline:
+    """Join the group (NCCL for the GPUs' tensors and gloo for the host's, or gloo alone on CPU), then build the
+    stack as a one-GPU instance would, context parallelism included (`optimize.apply_context_parallel`)."""
     device = torch.device(build.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group: NCCL and diffusers' device mesh take the current device
@@ -50,13 +51,6 @@ def join_group(build: Build) -> torch.device:
         backend, init_method=f"file://{build.rendezvous}", rank=build.rank, world_size=build.world_size,
         timeout=timedelta(seconds=build.timeout_s), device_id=device if device.type == "cuda" else None,
     )
-    return device
-
-
-def join_and_build(build: Build) -> StackPipeline:
-    """Join the group, then build the stack as a one-GPU instance would, context parallelism included
-    (`optimize.apply_context_parallel`)."""
-    device = join_group(build)
     return build_pipeline(Stack.from_parameters(build.parameters), parse_source(build.weights), device, build.warm_up)
 
 

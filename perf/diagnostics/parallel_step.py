@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fluxserve.parallel.group import Timeouts
 from fluxserve.parallel.messages import Build
 from fluxserve.parallel.worker import join_and_build
 from fluxserve.pipeline import build_pipeline, release_memory
@@ -77,7 +78,7 @@ def measure(rank: int, world_size: int, stack_name: str, args: argparse.Namespac
     device = "cpu" if args.device == "cpu" else f"cuda:{rank}"
     request = request_from(args)
     pipeline = join_and_build(Build(stack.to_parameters(), args.weights, rank, world_size, device, rendezvous,
-                                    request, 1800.0))
+                                    request, Timeouts().load_s))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     generations = [pipeline.generate(request, decode=rank == 0) for _ in range(args.requests)]
     steps = sum(generation.steps_run for generation in generations)
