@@ -25,6 +25,8 @@ def check_supported(stack: Stack, device: torch.device) -> None:
         raise StackUnsupported(f"stack {stack.name}: cuDNN attention needs a CUDA GPU, this instance runs on {device}")
     if stack.cuda_graph and device.type != "cuda":
         raise StackUnsupported(f"stack {stack.name}: CUDA graphs need a CUDA GPU, this instance runs on {device}")
+    if stack.attention == "fp8attn" and device.type == "cuda":
+        _check_fp8_attention(stack, device)
     if stack.quantization in FP8_QUANTIZATIONS:
         if device.type != "cuda":
             raise StackUnsupported(f"stack {stack.name}: fp8 needs a CUDA GPU of compute capability 8.9+, not {device}")
@@ -36,11 +38,28 @@ def check_supported(stack: Stack, device: torch.device) -> None:
             )
 
 
+def _check_fp8_attention(stack: Stack, device: torch.device) -> None:
+    from .fp8_attention import CUDNN_FRONTEND_PACKAGE, CUDNN_MIN_CAPABILITY, cudnn_frontend_available
+
+    capability = torch.cuda.get_device_capability(device)
+    if capability < CUDNN_MIN_CAPABILITY:
+        raise StackUnsupported(
+            f"stack {stack.name}: cuDNN's fp8 attention needs compute capability 9.0+ (Hopper or newer); "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
+    if not cudnn_frontend_available():
+        raise StackUnsupported(f"stack {stack.name}: fp8 attention needs the cuDNN frontend: pip install "
+                               f"{CUDNN_FRONTEND_PACKAGE} (see build/requirements-gpu.txt)")
+
+
 def attention_backend(attention: str, device: torch.device) -> str:
     """The diffusers attention backend for a stack's attention choice on this device.
 
     FlashAttention-2 uses the flash-attn package when it is importable on a GPU, else PyTorch's SDPA flash
-    kernel (`_native_flash`, which also exists on CPU)."""
+    kernel (`_native_flash`, which also exists on CPU). fp8 attention is no diffusers backend but the project's
+    attention processor: the cuDNN frontend's kernel on a GPU, an emulation of its arithmetic elsewhere."""
+    if attention == "fp8attn":
+        return "fp8 cuDNN frontend" if device.type == "cuda" else "fp8 emulated (no GPU)"
     if attention == "fa2":
         has_flash_attn = importlib.util.find_spec("flash_attn") is not None
         return "flash" if has_flash_attn and device.type == "cuda" else "_native_flash"
@@ -53,7 +72,13 @@ def apply_attention(transformer, attention: str, device: torch.device) -> str:
     The default stack sets `native` explicitly too: diffusers also records the last backend set as a
     process-wide default, which must not leak from one pipeline into another."""
     backend = attention_backend(attention, device)
-    transformer.set_attention_backend(backend)
+    if attention == "fp8attn":
+        from .fp8_attention import Fp8AttnProcessor
+
+        transformer.set_attention_backend("native")
+        transformer.set_attn_processor(Fp8AttnProcessor())
+    else:
+        transformer.set_attention_backend(backend)
     return backend
 
 
@@ -136,9 +161,10 @@ def apply_cache(transformer, stack: Stack) -> None:
 
 
 def set_cache_steps(transformer, steps: int) -> None:
-    """Tell the step cache how many steps the coming generation runs: TeaCache always computes the last one,
-    MagCache reads a magnitude ratio per step. Call before every generation."""
-    from diffusers import MagCacheConfig
+    """Tell the step cache how many steps the coming generation runs: TeaCache and TaylorSeer always compute the
+    last one (the image's final detail comes from it), MagCache reads a magnitude ratio per step. Call before every
+    generation."""
+    from diffusers import MagCacheConfig, TaylorSeerCacheConfig
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp
 
     from .teacache import TeaCacheConfig
@@ -149,6 +175,20 @@ def set_cache_steps(transformer, steps: int) -> None:
     elif isinstance(config, MagCacheConfig):
         config.num_inference_steps = steps
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
+    elif isinstance(config, TaylorSeerCacheConfig):
+        _compute_taylorseer_from_step(transformer, steps - 1)
+
+
+def _compute_taylorseer_from_step(transformer, step: int) -> None:
+    """Make TaylorSeer compute every step from `step` on. Its config's `disable_cache_after_step` is copied into
+    each module's hook when the cache is enabled, so the hooks are where it is set per generation."""
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(_TAYLORSEER_CACHE_HOOK) if registry is not None else None
+        if hook is not None:
+            hook.disable_cache_after_step = step
 
 
 def apply_context_parallel(transformer, stack: Stack, device: torch.device) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("bf16", "fp16")
-ATTENTIONS = ("sdpa", "fa2", "cudnn")
+ATTENTIONS = ("sdpa", "fa2", "cudnn", "fp8attn")
 CACHES = ("none", "fbcache", "teacache", "magcache", "taylorseer")
 THRESHOLD_CACHES = ("fbcache", "teacache", "magcache")  # skip while a measured change stays below a threshold
 INTERVAL_CACHES = ("taylorseer",)  # compute one step in every `cache_interval`, forecast the others
@@ -25,7 +25,10 @@ ACTIVATION_DECIDED_CACHES = ("fbcache", "teacache")
 # does not return.
 RING_ATTENTIONS = ("fa2", "cudnn")
 
-ATTENTION_LABELS = {"sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention"}
+ATTENTION_LABELS = {
+    "sdpa": "PyTorch SDPA, default dispatch", "fa2": "FlashAttention-2", "cudnn": "cuDNN attention",
+    "fp8attn": "fp8 attention (cuDNN frontend, per-tensor scales)",
+}
 PARALLEL_LABELS = {"ulysses": "Ulysses", "ring": "ring"}
 QUANTIZATION_LABELS = {
     "fp8": "torchao fp8 dynamic per-tensor",
@@ -102,6 +105,9 @@ class Stack:
                 f"cache '{self.cache}' cannot run context parallel: it decides from activations, of which each GPU "
                 "holds only its share, so the GPUs would decide differently; use taylorseer or magcache"
             )
+        if self.attention == "fp8attn":
+            raise StackError("attention 'fp8attn' cannot run context parallel: it replaces the attention call that "
+                             "diffusers' context parallelism splits over the GPUs")
         if self.parallel == "ring" and self.attention not in RING_ATTENTIONS:
             raise StackError(f"parallel 'ring' needs attention {' or '.join(RING_ATTENTIONS)} (it merges partial "
                              f"results with the kernel's log-sum-exp); attention is '{self.attention}'")
@@ -244,6 +250,13 @@ CATALOG: tuple[Stack, ...] = (
         dict(cache="teacache", cache_threshold=0.6), dict(cache="magcache", cache_threshold=0.24),
         dict(cache="fbcache", cache_threshold=0.3),
     )),
+    # fp8 attention (cuDNN frontend): eager beside bf16 for its deviation, then on the fastest uncached stack with and
+    # without its CUDA graph, and under the fastest cache.
+    Stack(attention="fp8attn"),
+    *(Stack(attention="fp8attn", quantization="fp8row", fuse_qkv=True, compile="regional", cuda_graph=graph)
+      for graph in (False, True)),
+    Stack(attention="fp8attn", cache="taylorseer", cache_interval=5, quantization="fp8row", fuse_qkv=True,
+          compile="regional"),
     # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
     Stack(attention="cudnn", cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, cuda_graph=True),

@@ -168,6 +168,14 @@ def test_magcache_follows_the_request_step_count():
     assert [recorder.pattern(request(seed)) for seed in (1, 2)] == [expected] * 2
 
 
+def test_taylorseer_computes_its_warm_up_every_intervalth_step_and_the_last_one_at_any_step_count():
+    """Interval 3 after 3 warm-up steps computes steps 0-2, then every third from step 4, and always the last."""
+    recorder = Recorder(pipeline(Stack(cache="taylorseer", cache_interval=3)))
+    patterns = [recorder.pattern(request(steps=steps)) for steps in (8, 10, 8)]
+    computed = [[step for step, ran in enumerate(pattern) if ran] for pattern in patterns]
+    assert computed == [[0, 1, 2, 4, 7], [0, 1, 2, 4, 7, 9], [0, 1, 2, 4, 7]]
+
+
 # --- through the server ------------------------------------------------------------------------------------
 
 
