@@ -99,17 +99,17 @@ class _CudnnGraphs:
         with self._lock:
             if geometry not in self._graphs:
                 self._graphs[geometry] = self._build(cudnn, device, query, key, value, out, scale)
-            graph, tensors, workspace_bytes = self._graphs[geometry]
+            graph, uids, workspace_bytes = self._graphs[geometry]
             handle = self._handles[device.index]
             softmax_scale, softmax_descale = self._constants[device.index]
         scalar = softmax_scale.new_empty((1, 1, 1, 1))
-        pack = dict(zip(tensors, (
-            query, key, value, descale_query, descale_key, descale_value, softmax_descale, softmax_scale,
-            _output_scale(descale_value), out, scalar, torch.empty_like(scalar),
-        )))
+        buffers = (query, key, value, descale_query, descale_key, descale_value, softmax_descale, softmax_scale,
+                   _output_scale(descale_value), out, scalar, torch.empty_like(scalar))
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
-        graph.execute(pack, workspace, handle=handle)
+        # Buffers in a fixed order with their uids: the frontend's cheapest execute on the host (it caches the
+        # binding by value), which matters for every stack that is not replayed as a CUDA graph.
+        graph.execute(buffers, workspace, handle=handle, tensor_uids=uids)
         return out
 
     def _build(self, cudnn, device, query, key, value, out, scale):
@@ -141,7 +141,8 @@ class _CudnnGraphs:
             graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             graph.check_support()
             graph.build_plans()
-            return graph, (q, k, v, *scalars, o, amax_s, amax_o), graph.get_workspace_size()
+            uids = tuple(tensor.get_uid() for tensor in (q, k, v, *scalars, o, amax_s, amax_o))
+            return graph, uids, graph.get_workspace_size()
 
 
 def _heads_first(t: torch.Tensor) -> dict[str, list[int]]:

@@ -1,9 +1,10 @@
 """fp8 attention at FLUX's shape on one GPU: the cuDNN kernel against its float32 emulation and float32 attention,
 its behaviour on inputs beyond e4m3's range, and its time beside bf16 cuDNN SDPA (the fast stacks' kernel).
 
-Times are CUDA-event medians of `--repeats` calls after warm-up: the op alone on pre-quantized inputs, the whole
-`fp8_attention` (quantize, op, dequantize) eager and under torch.compile (where Inductor fuses the quantization),
-and bf16 SDPA with cuDNN. Prints one JSON object (and writes it to `--out`).
+Times are CUDA-event medians of `--repeats` calls after warm-up: the op alone on pre-quantized inputs (also
+replayed as a CUDA graph: the device's time without the host's), the whole `fp8_attention` (quantize, op,
+dequantize) eager and under torch.compile (where Inductor fuses the quantization), and bf16 SDPA with cuDNN; and
+the host's time per call. Prints one JSON object (and writes it to `--out`).
 
     python3 -m perf.diagnostics.fp8_attention --out $OUT/fp8_attention.json
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -50,6 +52,28 @@ def median_ms(function, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return round(statistics.median(times), 4)
+
+
+def cuda_graph_of(function):
+    """`function` captured as a CUDA graph: replaying it times the device's work alone, without host overhead."""
+    function()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph.replay
+
+
+def host_ms(function, calls: int = 200) -> float:
+    """Host time per call, the device left to queue the work: what a stack without a CUDA graph pays per
+    attention on the host, which the device waits for once it is the longer of the two."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return round(elapsed / calls * 1e3, 4)
 
 
 def accuracy(query, key, value) -> dict:
@@ -101,7 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_attention_eager": median_ms(lambda: fp8_attention(query, key, value), args.repeats),
         "fp8_attention_compiled": median_ms(lambda: compiled(query, key, value), args.repeats),
     }
+    times["fp8_op_in_cuda_graph"] = median_ms(cuda_graph_of(lambda: fp8_attention_op(*op_args)), args.repeats)
     result["median_ms"] = times
+    result["host_ms_per_call"] = {
+        "bf16_cudnn_sdpa": host_ms(lambda: bf16_cudnn(query, key, value)),
+        "fp8_op_only": host_ms(lambda: fp8_attention_op(*op_args)),
+    }
     result["speedup_vs_bf16_cudnn"] = {name: round(times["bf16_cudnn_sdpa"] / ms, 3) for name, ms in times.items()}
     text = json.dumps(result, indent=1)
     print(text)
