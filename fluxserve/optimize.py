@@ -220,10 +220,16 @@ def apply_context_parallel(transformer, stack: Stack, device: torch.device) -> N
         transformer.enable_parallelism(config=ContextParallelConfig(**degree))
 
 
-def apply_compile(transformer, mode: str) -> None:
+# Step caches whose hook on every block runs under `@torch.compiler.disable`, the block's own forward included:
+# diffusers' MagCache (MagCacheHeadHook and MagCacheBlockHook.new_forward). See `compile_block_forwards`.
+EAGER_BLOCK_HOOK_CACHES = ("magcache",)
+
+
+def apply_compile(transformer, mode: str, cache: str = "none") -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
     cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
-    caches' skip decisions run eagerly, each a graph break.
+    caches' skip decisions run eagerly, each a graph break. Under a step cache of `EAGER_BLOCK_HOOK_CACHES`,
+    `regional` compiles the blocks' own forwards instead, before the cache hooks them (`compile_block_forwards`).
 
     Compiled code is guarded on module hooks too (torch skips those guards by default): regional compilation
     reuses one block's code for every block of its class, so without them the step counter's hook on the last
@@ -232,10 +238,30 @@ def apply_compile(transformer, mode: str) -> None:
     H200 their coordinate-descent tuning took a compiled fp8 stack's load from 35 s to 278 s (and 15 s to
     120 s with warm caches) for the same latency (perf/results/h200, session 4)."""
     torch._dynamo.config.skip_nnmodule_hook_guards = False
-    if mode == "regional":
-        transformer.compile_repeated_blocks()
-    else:
+    if mode == "full":
         transformer.compile()
+    elif cache in EAGER_BLOCK_HOOK_CACHES:
+        compile_block_forwards(transformer)
+    else:
+        transformer.compile_repeated_blocks()
+
+
+def compile_block_forwards(transformer) -> None:
+    """Regional compilation for a step cache whose block hooks run eagerly: compile each repeated block's own
+    `forward`, which the cache, enabled afterwards, wraps and calls on a computed step.
+
+    `compile_repeated_blocks` compiles each block's module call, and the cache's hook sits inside it. diffusers'
+    MagCache hooks are `@torch.compiler.disable`d, which covers everything they call: Dynamo graph-breaks into
+    the hook and the block's forward under it runs eagerly (each compiled frame is empty; no graph at all on
+    synthetic:tiny). On the H200 a computed MagCache step cost 266 ms where TaylorSeer's, compiled, cost 105 ms.
+    As under `compile_repeated_blocks` (and from the same `_repeated_blocks`), all blocks of a class share one
+    compiled code: Dynamo caches it per code object (the class's `forward`), guards on the module's type and
+    hooks, not on which block it is, and takes the weights as graph inputs (tests/test_compiled_caches.py checks
+    this with more blocks than Dynamo's recompile limit)."""
+    classes = transformer._repeated_blocks
+    for block in transformer.modules():
+        if type(block).__name__ in classes:
+            block.forward = torch.compile(block.forward)
 
 
 def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str:
@@ -246,12 +272,16 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
         apply_fused_qkv(transformer)
     if stack.quantization != "none":
         apply_quantization(transformer, stack.quantization)
+    # A cache whose block hooks run eagerly must wrap blocks already compiled (see compile_block_forwards).
+    compile_first = stack.compile == "regional" and stack.cache in EAGER_BLOCK_HOOK_CACHES
+    if compile_first:
+        apply_compile(transformer, stack.compile, stack.cache)
     if stack.cache != "none":
         apply_cache(transformer, stack)
     if stack.parallel != "none":
         apply_context_parallel(transformer, stack, device)
-    if stack.compile != "none":
-        apply_compile(transformer, stack.compile)
+    if stack.compile != "none" and not compile_first:
+        apply_compile(transformer, stack.compile, stack.cache)
     if stack.cuda_graph:
         apply_cuda_graph(transformer)
     return backend
