@@ -10,6 +10,8 @@ A weights source is one string, read from `--weights` / `FLUXSERVE_WEIGHTS`:
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,23 +80,80 @@ def default_source() -> tuple[WeightsSource, str]:
 
 
 def load_pipeline(source: WeightsSource, dtype: torch.dtype, device: torch.device):
-    """Load a FluxPipeline from `source` in `dtype` onto `device`."""
-    from diffusers import FluxPipeline
-
+    """Load a FluxPipeline from `source` in `dtype` onto `device`: onto a GPU straight from the files
+    (`load_onto_device`), onto the CPU through diffusers' pipeline loader."""
     if source.kind == "synthetic":
         from .synthetic import build_synthetic_pipeline
 
         if source.location == "full" and device.type != "cuda":
             raise WeightsError("synthetic:full is built directly on a CUDA GPU; use synthetic:tiny on CPU")
         return build_synthetic_pipeline(source.location, dtype, device)
+    if device.type == "cuda":
+        return load_onto_device(source, dtype, device)
+    return load_to_cpu(source, dtype).to(device)
+
+
+def load_to_cpu(source: WeightsSource, dtype: torch.dtype, **components):
+    """diffusers' FluxPipeline.from_pretrained, offline, into host memory (`components`: modules already loaded)."""
+    from diffusers import FluxPipeline
+
+    with weights_errors(source):
+        return FluxPipeline.from_pretrained(source.location, dtype=dtype, local_files_only=True, **components)
+
+
+def load_onto_device(source: WeightsSource, dtype: torch.dtype, device: torch.device,
+                     timings: dict[str, float] | None = None):
+    """Each model of the pipeline (transformer, text encoders, VAE) read straight onto `device`, one
+    `from_pretrained(device_map=device)` each: shard by shard, each shard's tensors copied to the device as it is
+    read, instead of all ~32 GB of FLUX.1-dev into host memory first and then copied again by `pipe.to(device)`
+    (perf/diagnostics/cold_load.py times both). Per model, not diffusers' pipeline-level `device_map="cuda"`:
+    transformers reads "cuda" as cuda:$LOCAL_RANK, not as `device`. Tokenizers and scheduler come from
+    `load_to_cpu`. `timings`: seconds per model, when given."""
+    import importlib
+
+    from diffusers import FluxPipeline
+    from diffusers.utils import is_transformers_version
+
+    # transformers >= 4.56 takes `dtype`, older ones `torch_dtype` (as diffusers' own pipeline loader does).
+    dtype_kwarg = "dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype"
+    with weights_errors(source):
+        index = FluxPipeline.load_config(source.location, local_files_only=True)
+        models = {}
+        for name, entry in index.items():
+            if name.startswith("_") or not isinstance(entry, (list, tuple)) or len(entry) != 2 or None in entry:
+                continue
+            library, class_name = entry
+            if library not in ("diffusers", "transformers"):
+                continue
+            model_class = getattr(importlib.import_module(library), class_name, None)
+            if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
+                continue  # tokenizers, scheduler
+            started = time.perf_counter()
+            models[name] = model_class.from_pretrained(
+                source.location, subfolder=name, local_files_only=True, device_map=device,
+                **{dtype_kwarg if library == "transformers" else "torch_dtype": dtype},
+            )
+            # One device, no accelerate hooks (dispatch_model only moved it): placed like `.to(device)`, so the
+            # mark of a device_map placement goes (diffusers refuses e.g. tensor parallelism on a marked model).
+            if not any(hasattr(module, "_hf_hook") for module in models[name].modules()):
+                models[name].__dict__.pop("hf_device_map", None)
+            if timings is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[name] = round(time.perf_counter() - started, 3)
+    return load_to_cpu(source, dtype, **models)
+
+
+@contextmanager
+def weights_errors(source: WeightsSource):
+    """diffusers' and transformers' load errors (they name the file) as a WeightsError naming the source."""
     try:
-        pipe = FluxPipeline.from_pretrained(
-            source.location, dtype=dtype, local_files_only=True,
-        )
+        yield
     except (OSError, ValueError) as exc:
+        if isinstance(exc, WeightsError):
+            raise
         where = "folder" if source.kind == "folder" else "hub id (offline, local Hugging Face cache)"
         raise WeightsError(
             f"cannot load FLUX weights from {where} {source.location!r}: expected a complete diffusers-format "
             f"FLUX.1 pipeline (transformer, vae, text_encoder, text_encoder_2, tokenizers, scheduler): {exc}"
         ) from exc
-    return pipe.to(device)

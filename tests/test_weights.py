@@ -13,7 +13,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import MODEL_PY, config_pbtxt, start_server
+from fluxserve import weights
 from fluxserve.stacks import Stack
+from fluxserve.weights import WeightsError, load_onto_device, load_to_cpu, parse_source
 from test_serving import infer, info_of, output
 
 HUB_ID = "fluxserve-tests/tiny-flux"
@@ -91,3 +93,46 @@ def test_a_broken_shard_fails_the_load_with_the_file_named_and_the_rest_serves(w
     assert not client.is_model_ready(model) and client.is_model_ready("bf16-folder")
     client.close()  # an open connection holds a stopping server for its whole exit timeout
     assert output(infer(server, "bf16-folder", SEED=1, STEPS=1, HEIGHT=64, WIDTH=64), "IMAGE").shape == (64, 64, 3)
+
+
+def state_dicts(pipe) -> dict:
+    return {name: module.state_dict() for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def test_loading_straight_onto_the_device_gives_the_pipeline_loaders_weights(saved):
+    """load_onto_device (the GPU path, here onto the CPU) against diffusers' pipeline loader: same models, same
+    tensors and dtypes, and no device_map mark left on a model that sits on one device."""
+    source = parse_source(str(saved))
+    timings = {}
+    direct = load_onto_device(source, torch.bfloat16, torch.device("cpu"), timings=timings)
+    reference = load_to_cpu(source, torch.bfloat16)
+    assert set(timings) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    assert {name: type(c) for name, c in direct.components.items()} == \
+        {name: type(c) for name, c in reference.components.items()}
+    ours, theirs = state_dicts(direct), state_dicts(reference)
+    assert ours.keys() == theirs.keys() == timings.keys()
+    for name in ours:
+        assert ours[name].keys() == theirs[name].keys()
+        for key, tensor in ours[name].items():
+            assert tensor.dtype == theirs[name][key].dtype and torch.equal(tensor, theirs[name][key]), (name, key)
+        assert getattr(direct.components[name], "hf_device_map", None) is None
+
+
+@pytest.mark.parametrize("shard,cut,words", [(CUT_SHARD, True, "Unable to load weights"),
+                                             (MISSING_SHARD, False, "No such file")])
+def test_a_broken_shard_fails_the_straight_load_with_the_file_named(saved, tmp_path, shard, cut, words):
+    folder = broken_copy(saved, tmp_path / "broken", cut=shard if cut else None, missing=None if cut else shard)
+    with pytest.raises(WeightsError) as error:
+        load_onto_device(parse_source(str(folder)), torch.bfloat16, torch.device("cpu"))
+    message = str(error.value)
+    assert str(folder / shard) in message and words in message and "cannot load FLUX weights" in message
+
+
+def test_load_pipeline_goes_straight_onto_a_gpu_and_through_host_memory_to_the_cpu(saved, monkeypatch):
+    calls = []
+    monkeypatch.setattr(weights, "load_onto_device", lambda source, dtype, device: calls.append(device) or "direct")
+    source = parse_source(str(saved))
+    assert weights.load_pipeline(source, torch.bfloat16, torch.device("cuda:1")) == "direct"
+    assert calls == [torch.device("cuda:1")]
+    pipe = weights.load_pipeline(source, torch.bfloat16, torch.device("cpu"))
+    assert calls == [torch.device("cuda:1")] and pipe.transformer.device.type == "cpu"
