@@ -96,7 +96,8 @@ def test_a_broken_shard_fails_the_load_with_the_file_named_and_the_rest_serves(w
 
 
 def state_dicts(pipe) -> dict:
-    return {name: module.state_dict() for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    return {name: module.state_dict() for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module)}
 
 
 def test_loading_straight_onto_the_device_gives_the_pipeline_loaders_weights(saved):

@@ -1,0 +1,760 @@
+"""How long a saved FLUX.1 weights folder takes to load onto a GPU from a cold page cache, next to the disk's speed.
+
+In one process, each phase on its own (a failed phase is recorded with its error; the others still run) and the
+JSON written again after every phase, so that a run cut short keeps what it measured:
+
+1. build: when FOLDER has no model_index.json, builds `synthetic:full` (FLUX.1-dev's architecture, random
+   weights) on the GPU, saves it with `save_pipeline` (diffusers' `save_pretrained` into FOLDER.partial, renamed
+   to FOLDER when complete: about 34 GB, `save_s`, then `sync_s` to flush it to the disk) and frees the GPU.
+2. cold: evicts the folder's files from the page cache: `sync; echo 3 > /proc/sys/vm/drop_caches` (root; a
+   container usually refuses it), and in any case fsync + `posix_fadvise(POSIX_FADV_DONTNEED)` on every file.
+   Verified by counting the files' pages still resident with mincore(2) (what util-linux `fincore` reports;
+   `fincore` itself, if present, cross-checks the largest file).
+3. disk read: reads the largest file, cold, in 64 MiB chunks on one thread (`disk_read_gb_s`: what one stream of
+   large sequential reads gets), then up to `--parallel-read-gb` of the folder's files in 256 MiB segments on
+   `--threads` threads (`disk_read_parallel_gb_s`: what the disk gives with requests in flight), and evicts again.
+4. cold loads, each from a cold cache (evicted and verified just before), timed until the pipeline is on the
+   device (torch.cuda.synchronize); every pipeline checked against the built one (or the first one loaded) by a
+   checksum of each model's tensors:
+   - load_pipeline: `fluxserve.weights.load_pipeline`, the server's path (on a GPU: `load_onto_device`)
+   - cpu_then_to: the path before it, `load_to_cpu` (diffusers' `FluxPipeline.from_pretrained` into host memory)
+     then `pipe.to(device)`, each timed; safetensors maps the files, so part of the reading can happen in `.to()`
+   - onto_device_prefetch: `load_onto_device` (per model timings) while `--threads` threads read the files ahead
+     into the page cache (the disk with requests in flight, the loader's page faults hitting the cache)
+5. warm: the fastest variant once more, files in the page cache (the load's floor without the disk).
+
+Writes one JSON (versions, host, folder size and file count, build, cold method, disk speeds, every load with its
+breakdown, peak GPU memory and host RSS, a summary against the 30 s target) to --out and prints it. The disk's own
+caches are not reached: a virtual disk that a hypervisor caches can read faster than the device it lives on.
+Needs a CUDA GPU for the build and the loads (`--device cpu` runs them on the CPU: the tests do, with
+`--build synthetic:tiny`); without one those phases fail with a message and the disk phases still run.
+
+    python3 -m perf.diagnostics.cold_load --folder /tmp/flux-saved --out $OUT/cold_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import hashlib
+import json
+import mmap
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+GB = 1e9
+GIB = 2**30
+CHUNK = 64 * 2**20  # one sequential read
+SEGMENT = 256 * 2**20  # one parallel reader's share at a time
+TARGET_S = 30.0
+VARIANTS = ("load_pipeline", "cpu_then_to", "onto_device_prefetch")
+SYNTHETIC_FULL_GB = 34.0  # what synthetic:full takes on disk, about (for the free-space check)
+
+
+def log(message: str) -> None:
+    print(f"cold_load [{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- files and the page cache -----------------------------------------------------------------------------------
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every regular file under `folder`, sorted by path (the order diffusers loads the models in, by name)."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def filesystem_of(path: Path) -> dict:
+    """The mount holding `path` (longest mount-point prefix in /proc/self/mounts): mount point, type, device."""
+    real = os.path.realpath(path)
+    best = {"mount_point": None, "type": None, "device": None}
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best["mount_point"] or ""):
+                    best = {"mount_point": point, "type": fields[2], "device": fields[0]}
+    except OSError as exc:
+        best["error"] = str(exc)
+    if best["type"] in ("tmpfs", "ramfs"):
+        best["warning"] = f"{best['type']} keeps files in memory: they cannot be made cold"
+    return best
+
+
+_libc = None
+
+
+def _mincore_libc():
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc = libc
+    return _libc
+
+
+def resident_bytes(path: Path, window: int = GIB) -> int:
+    """Bytes of `path` in the page cache, by mincore(2) on a shared read-only mapping of it, window by window."""
+    import numpy as np
+
+    libc = _mincore_libc()
+    page = mmap.PAGESIZE
+    size = os.path.getsize(path)
+    resident = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(0, size, window):
+            length = min(window, size - offset)
+            address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+            if address in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            try:
+                pages = (length + page - 1) // page
+                vector = (ctypes.c_ubyte * pages)()
+                if libc.mincore(address, length, vector) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
+                in_cache = np.frombuffer(vector, dtype=np.uint8) & 1
+                resident += int(in_cache.sum()) * page
+                if in_cache[-1]:  # the last page counts only its part of the file
+                    resident -= pages * page - length
+            finally:
+                libc.munmap(address, length)
+    finally:
+        os.close(fd)
+    return resident
+
+
+def fincore_bytes(path: Path) -> int | None:
+    """util-linux `fincore`'s count of `path`'s resident bytes (a cross-check of mincore); None without it."""
+    if shutil.which("fincore") is None:
+        return None
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise OSError(f"fincore: {done.stderr.strip()}")
+    return int(done.stdout.split()[0])
+
+
+def drop_caches() -> dict:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches`: the whole page cache (root, and /proc/sys writable)."""
+    started = time.perf_counter()
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("3\n")
+        return {"ok": True, "s": round(time.perf_counter() - started, 3)}
+    except OSError as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def evict(path: Path) -> None:
+    """Flush `path`'s dirty pages (DONTNEED skips those) and drop its clean ones from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def residency(files: list[Path]) -> dict:
+    """Resident bytes of `files` (mincore), as GB and as a fraction of their size."""
+    total = sum(path.stat().st_size for path in files)
+    resident = sum(resident_bytes(path) for path in files)
+    return {"resident_gb": round(resident / GB, 3), "resident_fraction": round(resident / total, 4) if total else 0.0}
+
+
+def make_cold(files: list[Path], try_drop_caches: bool = True) -> dict:
+    """Evict `files` from the page cache (drop_caches if allowed, fadvise always) and check that it worked."""
+    record: dict = {}
+    try:
+        record["before"] = residency(files)
+    except Exception as exc:  # noqa: BLE001 - the check is optional, the eviction is not
+        record["before"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if try_drop_caches:
+        record["drop_caches"] = drop_caches()
+    else:
+        record["drop_caches"] = {"ok": False, "error": "not tried (--no-drop-caches)"}
+    started = time.perf_counter()
+    for path in files:
+        evict(path)
+    record["fadvise_files"] = len(files)
+    record["fadvise_s"] = round(time.perf_counter() - started, 3)
+    record["method"] = "drop_caches" if record["drop_caches"]["ok"] else "fadvise_dontneed"
+    try:
+        record["after"] = residency(files)
+        record["verify_tool"] = "mincore"
+        record["verified"] = record["after"]["resident_fraction"] <= 0.01
+    except Exception as exc:  # noqa: BLE001
+        record["after"] = {"error": f"{type(exc).__name__}: {exc}"}
+        record["verified"] = None
+    if files:
+        largest = max(files, key=lambda path: path.stat().st_size)
+        try:
+            record["fincore_largest_bytes"] = fincore_bytes(largest)
+        except Exception as exc:  # noqa: BLE001
+            record["fincore_largest_bytes"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+def read_speed(path: Path, limit_bytes: int | None = None, chunk: int = CHUNK) -> dict:
+    """Read `path` (its first `limit_bytes`) in `chunk`-sized sequential reads on one thread: bytes, s, GB/s."""
+    buffer = mmap.mmap(-1, chunk)  # anonymous: its pages are touched by the reads, not zeroed up front
+    size = os.path.getsize(path)
+    want = size if limit_bytes is None else min(size, limit_bytes)
+    done = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        while done < want:
+            got = os.preadv(fd, [memoryview(buffer)[: min(chunk, want - done)]], done)
+            if got == 0:
+                break
+            done += got
+        seconds = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    return {"file": str(path), "bytes": done, "s": round(seconds, 3),
+            "gb_s": round(done / GB / seconds, 3) if seconds > 0 else None}
+
+
+class Prefetcher:
+    """Reads files into the page cache on `threads` threads, each taking the next `segment` bytes in file order
+    (so the first files are read first, with many requests in flight), up to `limit_bytes` in all."""
+
+    def __init__(self, files: list[Path], threads: int = 8, limit_bytes: int | None = None,
+                 segment: int = SEGMENT, chunk: int = CHUNK) -> None:
+        self.tasks: list[tuple[Path, int, int]] = []
+        left = limit_bytes
+        for path in files:
+            size = path.stat().st_size
+            for offset in range(0, size, segment):
+                length = min(segment, size - offset)
+                if left is not None:
+                    if left <= 0:
+                        break
+                    length = min(length, left)
+                    left -= length
+                self.tasks.append((path, offset, length))
+        self.chunk = chunk
+        self.next_task = 0
+        self.lock = threading.Lock()
+        self.bytes_read = 0
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"prefetch-{i}")
+                        for i in range(max(1, threads))]
+        self.started = self.finished = None
+
+    def _work(self) -> None:
+        buffer = mmap.mmap(-1, self.chunk)
+        while True:
+            with self.lock:
+                if self.next_task >= len(self.tasks):
+                    return
+                path, offset, length = self.tasks[self.next_task]
+                self.next_task += 1
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    done = 0
+                    while done < length:
+                        got = os.preadv(fd, [memoryview(buffer)[: min(self.chunk, length - done)]], offset + done)
+                        if got == 0:
+                            break
+                        done += got
+                finally:
+                    os.close(fd)
+                with self.lock:
+                    self.bytes_read += done
+            except OSError as exc:
+                with self.lock:
+                    self.errors.append(f"{path}: {exc}")
+
+    def start(self) -> "Prefetcher":
+        self.started = time.perf_counter()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def join(self) -> dict:
+        for thread in self.threads:
+            thread.join()
+        self.finished = time.perf_counter()
+        seconds = self.finished - self.started
+        return {"threads": len(self.threads), "bytes": self.bytes_read, "s": round(seconds, 3),
+                "gb_s": round(self.bytes_read / GB / seconds, 3) if seconds > 0 else None,
+                "errors": self.errors[:5]}
+
+
+# --- pipelines ---------------------------------------------------------------------------------------------------
+
+
+def model_checksums(pipe) -> dict[str, str]:
+    """Per model of the pipeline, a digest of its state dict: names, shapes and, per tensor, the exact integer sum
+    of its values' float32 bit patterns (independent of the dtype a model keeps a layer in: bf16 -> fp32 is exact)."""
+    import torch
+
+    digests = {}
+    for name, component in sorted(pipe.components.items()):
+        if not isinstance(component, torch.nn.Module):
+            continue
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for key, tensor in sorted(component.state_dict().items()):
+                if tensor.is_floating_point():
+                    total = tensor.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
+                else:
+                    total = tensor.detach().to(torch.int64).sum()
+                digest.update(f"{key}:{tuple(tensor.shape)}:{int(total.item())};".encode())
+        digests[name] = digest.hexdigest()[:16]
+    return digests
+
+
+def pipeline_bytes(pipe) -> int:
+    import torch
+
+    return sum(tensor.numel() * tensor.element_size() for component in pipe.components.values()
+               if isinstance(component, torch.nn.Module) for tensor in component.state_dict().values())
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def rss_gb() -> dict:
+    """This process's resident memory, GB: anonymous (copies: tensors in host memory) and file-backed (mapped
+    files: safetensors' mmap)."""
+    found = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key = line.split(":")[0]
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    found[key] = round(int(line.split()[1]) * 1024 / GB, 3)
+    except OSError:
+        pass
+    return found
+
+
+def save_pipeline(pipe, folder: Path) -> dict:
+    """`pipe.save_pretrained` into FOLDER.partial, flushed to the disk, then renamed FOLDER: a save cut short never
+    leaves a FOLDER with model_index.json and missing shards."""
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    started = time.perf_counter()
+    pipe.save_pretrained(partial)
+    save_s = time.perf_counter() - started
+    started = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - started
+    if folder.exists():
+        folder.rmdir()  # checked empty by the caller
+    partial.rename(folder)
+    return {"save_s": round(save_s, 3), "sync_s": round(sync_s, 3)}
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+class Run:
+    """The report, written to `out` after every phase; phases skipped once past the time budget."""
+
+    def __init__(self, out: Path | None, budget_s: float) -> None:
+        self.out = out
+        self.budget_s = budget_s
+        self.started = time.perf_counter()
+        self.report: dict = {
+            "what": "cold page-cache load of a saved FLUX.1 weights folder (perf/diagnostics/cold_load.py)",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "errors": {},
+        }
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = round(self.elapsed(), 1)
+        if self.out is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.out.with_name(self.out.name + ".tmp")
+        temporary.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+        temporary.replace(self.out)
+
+    def phase(self, key: str, function, *, estimate_s: float | None = None, into: dict | None = None):
+        """Run `function()`, store its dict under `key` (in `into`, else the report): its error instead if it raises,
+        or why it was skipped if `estimate_s` would end past the budget."""
+        into = self.report if into is None else into
+        if estimate_s is not None and self.elapsed() + estimate_s > self.budget_s:
+            into[key] = {"skipped": f"budget: {self.elapsed():.0f} s used + about {estimate_s:.0f} s needed > "
+                                    f"--budget-s {self.budget_s:.0f}"}
+            log(f"{key}: skipped ({into[key]['skipped']})")
+            self.write()
+            return None
+        log(f"{key} ...")
+        started = time.perf_counter()
+        try:
+            result = function()
+            into[key] = result
+            log(f"{key}: done in {time.perf_counter() - started:.1f} s")
+            return result
+        except Exception as exc:  # noqa: BLE001 - one phase's failure must not lose the others
+            message = f"{type(exc).__name__}: {exc}"
+            into[key] = {"error": message, "traceback": traceback.format_exc(limit=8)[-4000:]}
+            self.report["errors"][key] = message
+            log(f"{key}: FAILED: {message}")
+            return None
+        finally:
+            self.write()
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "numpy"):
+        try:
+            module = __import__(name)
+            found[name] = getattr(module, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001
+            found[name] = f"not importable: {type(exc).__name__}: {exc}"
+    return found
+
+
+def host() -> dict:
+    import torch
+
+    info = {"kernel": platform.release(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    info["mem_total_gb"] = round(int(line.split()[1]) * 1024 / GB, 1)
+    except OSError:
+        pass
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def require_device(device) -> None:
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"needs a CUDA GPU for --device {device}, and torch.cuda.is_available() is False on this "
+                           "host: this phase loads onto the GPU (--device cpu runs it on the CPU)")
+
+
+def folder_record(folder: Path) -> dict:
+    files = folder_files(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder / 'model_index.json'} missing: no saved pipeline to load")
+    sizes = {path: path.stat().st_size for path in files}
+    largest = max(files, key=sizes.get)
+    return {"path": str(folder), "size_gb": round(sum(sizes.values()) / GB, 3), "files": len(files),
+            "safetensors_files": sum(path.suffix == ".safetensors" for path in files),
+            "largest_file": str(largest.relative_to(folder)), "largest_gb": round(sizes[largest] / GB, 3),
+            "filesystem": filesystem_of(folder)}
+
+
+def build_and_save(folder: Path, build: str, device) -> dict:
+    """Build `build` (a synthetic:SIZE source) on `device`, checksum it, save it as `folder`, free the device."""
+    import torch
+
+    from fluxserve.weights import load_pipeline, parse_source
+
+    require_device(device)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} exists without model_index.json and is not empty: not overwriting it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pipe = load_pipeline(parse_source(build), torch.bfloat16, device)
+    try:
+        synchronize(device)
+        record = {"source": build, "build_s": round(time.perf_counter() - started, 3)}
+        size = pipeline_bytes(pipe)
+        free_bytes = shutil.disk_usage(folder.parent).free
+        if free_bytes < size * 1.05:
+            raise OSError(f"{folder.parent} has {free_bytes / GB:.1f} GB free, the pipeline needs {size / GB:.1f} GB")
+        record["checksums"] = model_checksums(pipe)
+        record.update(save_pipeline(pipe, folder))
+    finally:
+        del pipe
+        free(device)
+    record["size_gb"] = round(sum(path.stat().st_size for path in folder_files(folder)) / GB, 3)
+    return record
+
+
+def time_load(variant: str, folder: Path, device, threads: int) -> tuple[dict, object]:
+    """One load of `folder` onto `device` by `variant`: its time (until on the device), breakdown and the pipeline."""
+    import torch
+
+    from fluxserve import weights
+
+    require_device(device)
+    source = weights.parse_source(str(folder))
+    dtype = torch.bfloat16
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    record: dict = {"variant": variant}
+    started = time.perf_counter()
+    if variant == "load_pipeline":
+        pipe = weights.load_pipeline(source, dtype, device)
+        synchronize(device)
+    elif variant == "cpu_then_to":
+        pipe = weights.load_to_cpu(source, dtype)
+        on_cpu = time.perf_counter()
+        record["rss_gb_on_cpu"] = rss_gb()
+        pipe.to(device)
+        synchronize(device)
+        record["breakdown_s"] = {"from_pretrained_cpu": round(on_cpu - started, 3),
+                                 "to_device": round(time.perf_counter() - on_cpu, 3)}
+    elif variant == "onto_device_prefetch":
+        prefetcher = Prefetcher(folder_files(folder), threads=threads).start()
+        timings: dict[str, float] = {}
+        try:
+            pipe = weights.load_onto_device(source, dtype, device, timings=timings)
+            synchronize(device)
+            loaded = time.perf_counter()
+        finally:  # no reader left running into the next phase
+            record["prefetch"] = prefetcher.join()
+        record["prefetch"]["done_after_load_s"] = round(prefetcher.finished - loaded, 3)
+        record["breakdown_s"] = timings
+        record["load_s"] = round(loaded - started, 3)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    record.setdefault("load_s", round(time.perf_counter() - started, 3))
+    record["on_device"] = sorted({str(p.device) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+                                  for p in c.parameters()})
+    if device.type == "cuda":
+        record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / GB, 3)
+    record["rss_gb"] = rss_gb()
+    return record, pipe
+
+
+def measure_load(run: Run, variant: str, folder: Path, device, args, cold: bool, reference: dict) -> dict:
+    """Evict (when `cold`), load, checksum against `reference` (filled by the first load when empty), free."""
+    require_device(device)
+    files = folder_files(folder)
+    record: dict = {}
+    if cold:
+        record["cold"] = make_cold(files, try_drop_caches=not args.no_drop_caches)
+    else:
+        try:
+            record["cache_before"] = residency(files)
+        except Exception as exc:  # noqa: BLE001 - the check is optional
+            record["cache_before"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        result, pipe = time_load(variant, folder, device, args.threads)
+    except BaseException:
+        free(device)  # what a failed load left on the device
+        raise
+    record.update(result)
+    log(f"{variant}: {'cold' if cold else 'warm'} load {record['load_s']} s")
+    size_gb = (run.report.get("folder") or {}).get("size_gb")
+    record["effective_gb_s"] = round(size_gb / record["load_s"], 3) if size_gb and record["load_s"] else None
+    try:
+        sums = model_checksums(pipe)
+        if not reference:
+            reference.update(sums)
+            record["checksums"] = sums
+        mismatched = sorted(name for name in set(sums) | set(reference) if sums.get(name) != reference.get(name))
+        record["checksums_match"] = not mismatched
+        if mismatched:
+            record["checksums_mismatched"] = {name: [sums.get(name), reference.get(name)] for name in mismatched}
+    finally:
+        del pipe
+        free(device)
+    return record
+
+
+def summarize(report: dict) -> dict:
+    """The headline numbers in one flat dict."""
+    def number(section, *keys):
+        value = report.get(section)
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    loads = {name: record.get("load_s") for name, record in (report.get("cold_loads") or {}).items()
+             if isinstance(record, dict) and record.get("load_s") is not None}
+    fastest = min(loads, key=loads.get) if loads else None
+    summary = {
+        "folder_size_gb": number("folder", "size_gb"), "files": number("folder", "files"),
+        "filesystem": number("folder", "filesystem", "type"),
+        "filesystem_warning": number("folder", "filesystem", "warning"),
+        "save_s": number("build", "save_s"), "sync_s": number("build", "sync_s"),
+        "cold_method": number("cold", "method"), "cold_verified": number("cold", "verified"),
+        "disk_read_gb_s": number("disk_read", "gb_s"),
+        "disk_read_parallel_gb_s": number("disk_read_parallel", "gb_s"),
+        "cold_load_s": loads,
+        "cold_breakdown_s": {name: record.get("breakdown_s") for name, record in
+                             (report.get("cold_loads") or {}).items() if isinstance(record, dict)
+                             and record.get("breakdown_s")},
+        "checksums_match": {name: record.get("checksums_match") for name, record in
+                            (report.get("cold_loads") or {}).items() if isinstance(record, dict)
+                            and "checksums_match" in record},
+        "fastest_cold": fastest, "fastest_cold_load_s": loads.get(fastest),
+        "warm_variant": number("warm", "variant"), "warm_load_s": number("warm", "load_s"),
+        "target_s": TARGET_S,
+        "meets_target": (loads[fastest] <= TARGET_S) if fastest else None,
+        "errors": sorted(report.get("errors", {})),
+    }
+    size = summary["folder_size_gb"]
+    for key, speed in (("disk_floor_s", "disk_read_gb_s"), ("disk_parallel_floor_s", "disk_read_parallel_gb_s")):
+        if size and summary[speed]:
+            summary[key] = round(size / summary[speed], 1)  # the whole folder read at that speed
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.cold_load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, required=True,
+                        help="the saved weights folder (built and saved there when it has no model_index.json)")
+    parser.add_argument("--out", type=Path, help="the JSON report (also printed)")
+    parser.add_argument("--device", default="cuda:0", help="where to load (default cuda:0)")
+    parser.add_argument("--build", default="synthetic:full",
+                        help="what to save when the folder has no pipeline (default synthetic:full)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"cold loads, in order (default {','.join(VARIANTS)})")
+    parser.add_argument("--threads", type=int, default=8, help="reader threads of the parallel read and prefetch")
+    parser.add_argument("--parallel-read-gb", type=float, default=16.0,
+                        help="GB read by the parallel disk read (default 16)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="skip a phase that would end past this many seconds (default 420)")
+    parser.add_argument("--no-drop-caches", action="store_true",
+                        help="do not try /proc/sys/vm/drop_caches (it empties the whole host's page cache)")
+    args = parser.parse_args(argv)
+    args.variants = [name for name in args.variants.split(",") if name]
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run = Run(args.out, args.budget_s)
+    report = run.report
+    report["argv"] = sys.argv[1:] if argv is None else list(argv)
+    log("importing torch, diffusers, transformers")
+    import torch
+    import diffusers
+    import transformers
+
+    # The model classes import lazily: import them now, so that no timed load pays for it.
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+    from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    folder = args.folder.expanduser().absolute()
+    device = torch.device(args.device)
+    report["versions"] = versions()
+    run.phase("host", host)
+
+    def start_device() -> dict:
+        require_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            started = time.perf_counter()
+            torch.zeros(1, device=device)
+            synchronize(device)
+            return {"device": str(device), "context_s": round(time.perf_counter() - started, 3)}
+        return {"device": str(device)}
+
+    run.phase("device", start_device)
+    if (folder / "model_index.json").is_file():
+        report["build"] = {"skipped": f"{folder} already has model_index.json"}
+    else:
+        run.phase("build", lambda: build_and_save(folder, args.build, device))
+    folder_info = run.phase("folder", lambda: folder_record(folder))
+    if folder_info and folder_info["filesystem"].get("warning"):
+        log(f"WARNING: {folder}: {folder_info['filesystem']['warning']}; the cold loads measure memory, not the disk")
+    files = folder_files(folder) if folder_info else []
+    run.phase("cold", lambda: make_cold(files, try_drop_caches=not args.no_drop_caches))
+
+    def disk_read() -> dict:
+        if not files:
+            raise FileNotFoundError(f"no files to read in {folder}")
+        largest = max(files, key=lambda path: path.stat().st_size)
+        record = {"cold_before": residency([largest])}
+        record.update(read_speed(largest))
+        evict(largest)
+        return record
+
+    run.phase("disk_read", disk_read, estimate_s=30)
+
+    def disk_read_parallel() -> dict:
+        if not files:
+            raise FileNotFoundError(f"no files to read in {folder}")
+        biggest_first = sorted(files, key=lambda path: path.stat().st_size, reverse=True)
+        record = {"cold_before": residency(files)}
+        record.update(Prefetcher(biggest_first, threads=args.threads,
+                                 limit_bytes=int(args.parallel_read_gb * GB)).start().join())
+        record["after"] = make_cold(files, try_drop_caches=not args.no_drop_caches)
+        return record
+
+    run.phase("disk_read_parallel", disk_read_parallel, estimate_s=30)
+
+    report["cold_loads"] = {}
+    reference = dict((report.get("build") or {}).get("checksums") or {})
+    if reference:
+        report["checksum_reference"] = "build"
+    size_gb = (folder_info or {}).get("size_gb") or SYNTHETIC_FULL_GB
+    disk_gb_s = max([value for value in ((report.get("disk_read") or {}).get("gb_s"),
+                                         (report.get("disk_read_parallel") or {}).get("gb_s")) if value] or [1.0])
+    for variant in args.variants:
+        loads = [r["load_s"] for r in report["cold_loads"].values() if isinstance(r, dict) and "load_s" in r]
+        estimate = max(loads) if loads else size_gb / disk_gb_s + 10
+        run.phase(variant, lambda variant=variant: measure_load(run, variant, folder, device, args, True, reference),
+                  estimate_s=estimate, into=report["cold_loads"])
+    if reference and "checksum_reference" not in report:
+        report["checksum_reference"] = "first load"
+
+    loads = {name: r["load_s"] for name, r in report["cold_loads"].items() if isinstance(r, dict) and "load_s" in r}
+    if loads:
+        fastest = min(loads, key=loads.get)
+        run.phase("warm", lambda: measure_load(run, fastest, folder, device, args, False, reference),
+                  estimate_s=loads[fastest])
+    else:
+        report["warm"] = {"skipped": "no cold load succeeded"}
+    report["summary"] = summarize(report)
+    run.write()
+    print(json.dumps(report, indent=2, default=str), flush=True)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
