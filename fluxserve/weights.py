@@ -101,14 +101,33 @@ def load_to_cpu(source: WeightsSource, dtype: torch.dtype, **components):
         return FluxPipeline.from_pretrained(source.location, dtype=dtype, local_files_only=True, **components)
 
 
+READ_AHEAD_THREADS = 8
+
+
 def load_onto_device(source: WeightsSource, dtype: torch.dtype, device: torch.device,
-                     timings: dict[str, float] | None = None):
+                     timings: dict[str, float] | None = None, read_ahead_threads: int = READ_AHEAD_THREADS):
     """Each model of the pipeline (transformer, text encoders, VAE) read straight onto `device`, one
     `from_pretrained(device_map=device)` each: shard by shard, each shard's tensors copied to the device as it is
-    read, instead of all ~32 GB of FLUX.1-dev into host memory first and then copied again by `pipe.to(device)`
-    (perf/diagnostics/cold_load.py times both). Per model, not diffusers' pipeline-level `device_map="cuda"`:
-    transformers reads "cuda" as cuda:$LOCAL_RANK, not as `device`. Tokenizers and scheduler come from
-    `load_to_cpu`. `timings`: seconds per model, when given."""
+    read, instead of all ~32 GB of FLUX.1-dev into host memory first and then copied again by `pipe.to(device)`,
+    while `read_ahead_threads` readers bring the files into the page cache ahead of the loader (0: none).
+    perf/diagnostics/cold_load.py times the variants. Per model, not diffusers' pipeline-level
+    `device_map="cuda"`: transformers reads "cuda" as cuda:$LOCAL_RANK, not as `device`. Tokenizers and scheduler
+    come from `load_to_cpu`. `timings`: seconds per model, when given."""
+    from .read_ahead import ReadAhead, weight_files
+
+    files = weight_files(Path(source.location)) if read_ahead_threads and source.kind == "folder" else []
+    reader = ReadAhead(files, threads=read_ahead_threads).start() if files else None
+    try:
+        models = _models_onto_device(source, dtype, device, timings)
+    finally:
+        if reader is not None:
+            reader.stop()
+            reader.join()
+    return load_to_cpu(source, dtype, **models)
+
+
+def _models_onto_device(source: WeightsSource, dtype: torch.dtype, device: torch.device,
+                        timings: dict[str, float] | None) -> dict[str, torch.nn.Module]:
     import importlib
 
     from diffusers import FluxPipeline
@@ -141,7 +160,7 @@ def load_onto_device(source: WeightsSource, dtype: torch.dtype, device: torch.de
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 timings[name] = round(time.perf_counter() - started, 3)
-    return load_to_cpu(source, dtype, **models)
+    return models
 
 
 @contextmanager

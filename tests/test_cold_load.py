@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fluxserve.read_ahead import ReadAhead, weight_files
 from perf.diagnostics import cold_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,15 +50,20 @@ def test_the_parallel_reader_reads_its_share_in_order_on_all_threads(data_file, 
     second = tmp_path / "second.bin"
     second.write_bytes(os.urandom(3 * 2**20))
     cold_load.make_cold([data_file, second], try_drop_caches=False)
-    limited = cold_load.Prefetcher([data_file, second], threads=3, limit_bytes=5 * 2**20, segment=2**20,
-                                   chunk=2**19)
+    limited = ReadAhead([data_file, second], threads=3, limit_bytes=5 * 2**20, segment=2**20, chunk=2**19)
     assert [task[1] for task in limited.tasks] == [0, 2**20, 2 * 2**20, 3 * 2**20, 4 * 2**20]
     record = limited.start().join()
     assert record["bytes"] == 5 * 2**20 and record["threads"] == 3 and not record["errors"]
     assert cold_load.resident_bytes(second) == 0
-    record = cold_load.Prefetcher([data_file, second], threads=4, segment=2**20).start().join()
+    record = ReadAhead([data_file, second], threads=4, segment=2**20).start().join()
     assert record["bytes"] == SIZE + 3 * 2**20
     assert cold_load.residency([data_file, second])["resident_fraction"] == 1.0
+
+
+def test_stopped_readers_take_no_further_segment(data_file):
+    reader = ReadAhead([data_file], threads=1, segment=2**20)
+    reader.stop()  # before they start: the loader was done first
+    assert reader.start().join()["bytes"] == 0
 
 
 def test_the_checksums_see_one_changed_value_and_not_a_dtype_that_keeps_the_values():
@@ -105,9 +111,7 @@ def test_a_whole_run_builds_saves_evicts_reads_and_loads(tmp_path, monkeypatch, 
         load = report["cold_loads"][variant]
         assert load["cold"]["verified"] is True and load["on_device"] == ["cpu"] and load["load_s"] > 0
     assert set(summary["cold_breakdown_s"]["cpu_then_to"]) == {"from_pretrained_cpu", "to_device"}
-    assert set(summary["cold_breakdown_s"]["onto_device_prefetch"]) == set(report["build"]["checksums"])
-    assert report["cold_loads"]["onto_device_prefetch"]["prefetch"]["bytes"] == sum(
-        path.stat().st_size for path in cold_load.folder_files(folder))
+    assert set(summary["cold_breakdown_s"]["onto_device_no_read_ahead"]) == set(report["build"]["checksums"])
     assert summary["warm_variant"] == summary["fastest_cold"] and summary["warm_load_s"] > 0
     assert report["warm"]["cache_before"]["resident_fraction"] == 1.0
     assert report["versions"]["diffusers"] and report["versions"]["safetensors"]

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import MODEL_PY, config_pbtxt, start_server
 from fluxserve import weights
 from fluxserve.stacks import Stack
+from fluxserve.read_ahead import ReadAhead, weight_files
 from fluxserve.weights import WeightsError, load_onto_device, load_to_cpu, parse_source
 from test_serving import infer, info_of, output
 
@@ -100,12 +101,17 @@ def state_dicts(pipe) -> dict:
             if isinstance(module, torch.nn.Module)}
 
 
-def test_loading_straight_onto_the_device_gives_the_pipeline_loaders_weights(saved):
+def test_loading_straight_onto_the_device_gives_the_pipeline_loaders_weights(saved, monkeypatch):
     """load_onto_device (the GPU path, here onto the CPU) against diffusers' pipeline loader: same models, same
     tensors and dtypes, and no device_map mark left on a model that sits on one device."""
     source = parse_source(str(saved))
-    timings = {}
+    timings, readers = {}, []
+    started = ReadAhead.start
+    monkeypatch.setattr(ReadAhead, "start", lambda self: readers.append(self) or started(self))
     direct = load_onto_device(source, torch.bfloat16, torch.device("cpu"), timings=timings)
+    (reader,) = readers  # the files were read ahead, every weight file of the folder, and the readers are done
+    assert {path for path, _, _ in reader.tasks} == set(weight_files(saved)) and reader.finished is not None
+    assert not any(thread.is_alive() for thread in reader.threads)
     reference = load_to_cpu(source, torch.bfloat16)
     assert set(timings) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert {name: type(c) for name, c in direct.components.items()} == \

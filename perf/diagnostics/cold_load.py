@@ -16,11 +16,11 @@ JSON written again after every phase, so that a run cut short keeps what it meas
 4. cold loads, each from a cold cache (evicted and verified just before), timed until the pipeline is on the
    device (torch.cuda.synchronize); every pipeline checked against the built one (or the first one loaded) by a
    checksum of each model's tensors:
-   - load_pipeline: `fluxserve.weights.load_pipeline`, the server's path (on a GPU: `load_onto_device`)
+   - load_pipeline: `fluxserve.weights.load_pipeline`, the server's path (on a GPU: `load_onto_device`, the files
+     read ahead into the page cache by `fluxserve.read_ahead` on 8 threads while the models load)
+   - onto_device_no_read_ahead: the same without the readers (the loader's page faults alone read the disk)
    - cpu_then_to: the path before it, `load_to_cpu` (diffusers' `FluxPipeline.from_pretrained` into host memory)
      then `pipe.to(device)`, each timed; safetensors maps the files, so part of the reading can happen in `.to()`
-   - onto_device_prefetch: `load_onto_device` (per model timings) while `--threads` threads read the files ahead
-     into the page cache (the disk with requests in flight, the loader's page faults hitting the cache)
 5. warm: the fastest variant once more, files in the page cache (the load's floor without the disk).
 
 Writes one JSON (versions, host, folder size and file count, build, cold method, disk speeds, every load with its
@@ -46,17 +46,17 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
+from fluxserve.read_ahead import ReadAhead
+
 GB = 1e9
 GIB = 2**30
 CHUNK = 64 * 2**20  # one sequential read
-SEGMENT = 256 * 2**20  # one parallel reader's share at a time
 TARGET_S = 30.0
-VARIANTS = ("load_pipeline", "cpu_then_to", "onto_device_prefetch")
+VARIANTS = ("load_pipeline", "onto_device_no_read_ahead", "cpu_then_to")
 SYNTHETIC_FULL_GB = 34.0  # what synthetic:full takes on disk, about (for the free-space check)
 
 
@@ -232,74 +232,6 @@ def read_speed(path: Path, limit_bytes: int | None = None, chunk: int = CHUNK) -
         os.close(fd)
     return {"file": str(path), "bytes": done, "s": round(seconds, 3),
             "gb_s": round(done / GB / seconds, 3) if seconds > 0 else None}
-
-
-class Prefetcher:
-    """Reads files into the page cache on `threads` threads, each taking the next `segment` bytes in file order
-    (so the first files are read first, with many requests in flight), up to `limit_bytes` in all."""
-
-    def __init__(self, files: list[Path], threads: int = 8, limit_bytes: int | None = None,
-                 segment: int = SEGMENT, chunk: int = CHUNK) -> None:
-        self.tasks: list[tuple[Path, int, int]] = []
-        left = limit_bytes
-        for path in files:
-            size = path.stat().st_size
-            for offset in range(0, size, segment):
-                length = min(segment, size - offset)
-                if left is not None:
-                    if left <= 0:
-                        break
-                    length = min(length, left)
-                    left -= length
-                self.tasks.append((path, offset, length))
-        self.chunk = chunk
-        self.next_task = 0
-        self.lock = threading.Lock()
-        self.bytes_read = 0
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"prefetch-{i}")
-                        for i in range(max(1, threads))]
-        self.started = self.finished = None
-
-    def _work(self) -> None:
-        buffer = mmap.mmap(-1, self.chunk)
-        while True:
-            with self.lock:
-                if self.next_task >= len(self.tasks):
-                    return
-                path, offset, length = self.tasks[self.next_task]
-                self.next_task += 1
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    done = 0
-                    while done < length:
-                        got = os.preadv(fd, [memoryview(buffer)[: min(self.chunk, length - done)]], offset + done)
-                        if got == 0:
-                            break
-                        done += got
-                finally:
-                    os.close(fd)
-                with self.lock:
-                    self.bytes_read += done
-            except OSError as exc:
-                with self.lock:
-                    self.errors.append(f"{path}: {exc}")
-
-    def start(self) -> "Prefetcher":
-        self.started = time.perf_counter()
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def join(self) -> dict:
-        for thread in self.threads:
-            thread.join()
-        self.finished = time.perf_counter()
-        seconds = self.finished - self.started
-        return {"threads": len(self.threads), "bytes": self.bytes_read, "s": round(seconds, 3),
-                "gb_s": round(self.bytes_read / GB / seconds, 3) if seconds > 0 else None,
-                "errors": self.errors[:5]}
 
 
 # --- pipelines ---------------------------------------------------------------------------------------------------
@@ -538,18 +470,11 @@ def time_load(variant: str, folder: Path, device, threads: int) -> tuple[dict, o
         synchronize(device)
         record["breakdown_s"] = {"from_pretrained_cpu": round(on_cpu - started, 3),
                                  "to_device": round(time.perf_counter() - on_cpu, 3)}
-    elif variant == "onto_device_prefetch":
-        prefetcher = Prefetcher(folder_files(folder), threads=threads).start()
+    elif variant == "onto_device_no_read_ahead":
         timings: dict[str, float] = {}
-        try:
-            pipe = weights.load_onto_device(source, dtype, device, timings=timings)
-            synchronize(device)
-            loaded = time.perf_counter()
-        finally:  # no reader left running into the next phase
-            record["prefetch"] = prefetcher.join()
-        record["prefetch"]["done_after_load_s"] = round(prefetcher.finished - loaded, 3)
+        pipe = weights.load_onto_device(source, dtype, device, timings=timings, read_ahead_threads=0)
+        synchronize(device)
         record["breakdown_s"] = timings
-        record["load_s"] = round(loaded - started, 3)
     else:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     record.setdefault("load_s", round(time.perf_counter() - started, 3))
@@ -721,8 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"no files to read in {folder}")
         biggest_first = sorted(files, key=lambda path: path.stat().st_size, reverse=True)
         record = {"cold_before": residency(files)}
-        record.update(Prefetcher(biggest_first, threads=args.threads,
-                                 limit_bytes=int(args.parallel_read_gb * GB)).start().join())
+        record.update(ReadAhead(biggest_first, threads=args.threads,
+                                limit_bytes=int(args.parallel_read_gb * GB)).start().join())
         record["after"] = make_cold(files, try_drop_caches=not args.no_drop_caches)
         return record
 
