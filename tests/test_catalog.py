@@ -59,6 +59,7 @@ def test_stack_round_trips_through_config_parameters():
          ["teacache", "activations", "taylorseer"]),
         ({"parallel": "ulysses", "parallel_degree": 4, "cache": "fbcache", "cache_threshold": 0.3}, ["fbcache"]),
         ({"parallel": "ring", "parallel_degree": 2}, ["ring", "fa2 or cudnn", "sdpa"]),
+        ({"attention": "fp8attn", "parallel": "ulysses", "parallel_degree": 2}, ["fp8attn", "context parallel"]),
     ],
 )
 def test_invalid_stacks_fail_with_a_clear_message(fields, words):
@@ -66,6 +67,27 @@ def test_invalid_stacks_fail_with_a_clear_message(fields, words):
         Stack(**fields)
     for word in words:
         assert word in str(error.value)
+
+
+@pytest.mark.parametrize("capability,frontend,words", [
+    ((8, 0), True, ["fp8 attention needs compute capability 9.0+", "has 8.0"]),
+    ((9, 0), False, ["pip install nvidia-cudnn-frontend", "build/requirements-gpu.txt"]),
+])
+def test_an_fp8_attention_stack_says_what_the_gpu_lacks_before_loading_weights(monkeypatch, capability, frontend,
+                                                                                 words):
+    import torch
+
+    from fluxserve import fp8_attention
+    from fluxserve.optimize import StackUnsupported, check_supported
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    monkeypatch.setattr(fp8_attention, "cudnn_frontend_available", lambda: frontend)
+    with pytest.raises(StackUnsupported) as error:
+        check_supported(Stack(attention="fp8attn"), torch.device("cuda:0"))
+    for word in words:
+        assert word in str(error.value)
+    check_supported(Stack(attention="fp8attn"), torch.device("cpu"))  # emulated on the CPU
 
 
 def test_parameters_with_a_bad_boolean_are_rejected():
