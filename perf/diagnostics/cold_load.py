@@ -265,13 +265,6 @@ def pipeline_bytes(pipe) -> int:
                if isinstance(component, torch.nn.Module) for tensor in component.state_dict().values())
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free(device) -> None:
     import torch
 
@@ -422,6 +415,7 @@ def build_and_save(folder: Path, build: str, device) -> dict:
     """Build `build` (a synthetic:SIZE source) on `device`, checksum it, save it as `folder`, free the device."""
     import torch
 
+    from fluxserve.pipeline import finished_time
     from fluxserve.weights import load_pipeline, parse_source
 
     require_device(device)
@@ -431,8 +425,7 @@ def build_and_save(folder: Path, build: str, device) -> dict:
     started = time.perf_counter()
     pipe = load_pipeline(parse_source(build), torch.bfloat16, device)
     try:
-        synchronize(device)
-        record = {"source": build, "build_s": round(time.perf_counter() - started, 3)}
+        record = {"source": build, "build_s": round(finished_time(device) - started, 3)}
         size = pipeline_bytes(pipe)
         free_bytes = shutil.disk_usage(folder.parent).free
         if free_bytes < size * 1.05:
@@ -451,6 +444,7 @@ def time_load(variant: str, folder: Path, device, threads: int) -> tuple[dict, o
     import torch
 
     from fluxserve import weights
+    from fluxserve.pipeline import finished_time
 
     require_device(device)
     source = weights.parse_source(str(folder))
@@ -461,23 +455,23 @@ def time_load(variant: str, folder: Path, device, threads: int) -> tuple[dict, o
     started = time.perf_counter()
     if variant == "load_pipeline":
         pipe = weights.load_pipeline(source, dtype, device)
-        synchronize(device)
+        loaded = finished_time(device)
     elif variant == "cpu_then_to":
         pipe = weights.load_to_cpu(source, dtype)
         on_cpu = time.perf_counter()
         record["rss_gb_on_cpu"] = rss_gb()
         pipe.to(device)
-        synchronize(device)
+        loaded = finished_time(device)
         record["breakdown_s"] = {"from_pretrained_cpu": round(on_cpu - started, 3),
-                                 "to_device": round(time.perf_counter() - on_cpu, 3)}
+                                 "to_device": round(loaded - on_cpu, 3)}
     elif variant == "onto_device_no_read_ahead":
         timings: dict[str, float] = {}
         pipe = weights.load_onto_device(source, dtype, device, timings=timings, read_ahead_threads=0)
-        synchronize(device)
+        loaded = finished_time(device)
         record["breakdown_s"] = timings
     else:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
-    record.setdefault("load_s", round(time.perf_counter() - started, 3))
+    record["load_s"] = round(loaded - started, 3)
     record["on_device"] = sorted({str(p.device) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                                   for p in c.parameters()})
     if device.type == "cuda":
@@ -602,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: F401
     from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401
 
+    from fluxserve.pipeline import finished_time
+
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     folder = args.folder.expanduser().absolute()
@@ -615,8 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)
             started = time.perf_counter()
             torch.zeros(1, device=device)
-            synchronize(device)
-            return {"device": str(device), "context_s": round(time.perf_counter() - started, 3)}
+            return {"device": str(device), "context_s": round(finished_time(device) - started, 3)}
         return {"device": str(device)}
 
     run.phase("device", start_device)
