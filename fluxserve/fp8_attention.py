@@ -75,9 +75,14 @@ def fp8_attention_op(
     return emulated_fp8_attention(query, key, value, descale_query, descale_key, descale_value, scale)
 
 
+def _empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The op's e4m3 output: query's (batch, tokens, heads) and value's head_dim, contiguous."""
+    return query.new_empty((*query.shape[:-1], value.shape[-1]), dtype=FP8)
+
+
 @fp8_attention_op.register_fake
 def _(query, key, value, descale_query, descale_key, descale_value, scale):
-    return query.new_empty((*query.shape[:-1], value.shape[-1]), dtype=FP8)
+    return _empty_output(query, value)
 
 
 class _CudnnGraphs:
@@ -94,7 +99,7 @@ class _CudnnGraphs:
         import cudnn
 
         device = query.device
-        out = query.new_empty((*query.shape[:-1], value.shape[-1]), dtype=FP8)
+        out = _empty_output(query, value)
         geometry = (device.index, scale, *(tuple(t.shape) + tuple(t.stride()) for t in (query, key, value)))
         with self._lock:
             if geometry not in self._graphs:
@@ -160,11 +165,19 @@ def _(query, key, value, descale_query, descale_key, descale_value, scale):
     return _CUDNN.run(query, key, value, descale_query, descale_key, descale_value, scale)
 
 
+def quantized_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+    """`fp8_attention_op`'s arguments for (batch, tokens, heads, head_dim) query, key and value: each quantized,
+    the three descales, and the softmax scale 1/sqrt(head_dim)."""
+    (q, descale_q), (k, descale_k), (v, descale_v) = (quantize_per_tensor(t) for t in (query, key, value))
+    return q, k, v, descale_q, descale_k, descale_v, query.shape[-1] ** -0.5
+
+
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Attention of (batch, tokens, heads, head_dim) tensors through fp8, returned in the query's dtype."""
-    (q, descale_q), (k, descale_k), (v, descale_v) = (quantize_per_tensor(t) for t in (query, key, value))
-    out = fp8_attention_op(q, k, v, descale_q, descale_k, descale_v, query.shape[-1] ** -0.5)
-    return (out.float() * _output_scale(descale_v).reciprocal()).to(query.dtype)
+    operands = quantized_operands(query, key, value)
+    descale_value = operands[5]
+    out = fp8_attention_op(*operands)
+    return (out.float() * _output_scale(descale_value).reciprocal()).to(query.dtype)
 
 
 class Fp8AttnProcessor(FluxAttnProcessor):

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fluxserve.fp8_attention import emulated_fp8_attention, fp8_attention, fp8_attention_op, quantize_per_tensor
+from fluxserve.fp8_attention import emulated_fp8_attention, fp8_attention, fp8_attention_op, quantized_operands
 
 FLUX_SHAPE = (1, 4608, 24, 128)  # 1024x1024: 4096 image + 512 text tokens, 24 heads of 128
 
@@ -78,9 +78,8 @@ def host_ms(function, calls: int = 200) -> float:
 
 def accuracy(query, key, value) -> dict:
     """The cuDNN kernel against its emulation (same arithmetic) and both against float32 attention."""
-    quantized = [quantize_per_tensor(t) for t in (query, key, value)]
-    args = (*(q for q, _ in quantized), *(d for _, d in quantized), query.shape[-1] ** -0.5)
-    kernel, emulated = fp8_attention_op(*args).float(), emulated_fp8_attention(*args).float()
+    operands = quantized_operands(query, key, value)
+    kernel, emulated = fp8_attention_op(*operands).float(), emulated_fp8_attention(*operands).float()
     expected = reference(query, key, value)
     out = fp8_attention(query, key, value)
     return {
@@ -116,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             "all_times_3e4": accuracy(query * 3e4, key * 3e4, value * 3e4),
         },
     }
-    quantized = [quantize_per_tensor(t) for t in (query, key, value)]
-    op_args = (*(q for q, _ in quantized), *(d for _, d in quantized), query.shape[-1] ** -0.5)
+    op_args = quantized_operands(query, key, value)
     compiled = torch.compile(fp8_attention, fullgraph=True)
     times = {
         "bf16_cudnn_sdpa": median_ms(lambda: bf16_cudnn(query, key, value), args.repeats),
