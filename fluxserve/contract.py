@@ -32,6 +32,7 @@ OUTPUTS = {
     "STEPS_COMPUTED": ("TYPE_INT32", [1]),
     "INFO": ("TYPE_STRING", [1]),
 }
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens of the PROMPT FLUX.1-dev reads; the rest is truncated, with a warning
 # The control API: with FLUXSERVE_ADMIN_KEY set, load/unload and the other admin endpoints need this header
 # (Triton reads a gRPC client's header with a protocol prefix). Here, torch-free, for the client.
 ADMIN_KEY_ENV = "FLUXSERVE_ADMIN_KEY"

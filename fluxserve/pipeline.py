@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from .contract import GenerationRequest
+from .aot_blocks import block_forward, paused
+from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
 from .cuda_graph import eager_forward
-from .optimize import TORCH_DTYPES, check_supported, optimize_transformer, set_cache_steps
+from .optimize import TORCH_DTYPES, apply_vae_compile, check_supported, optimize_transformer, set_cache_steps
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
 
 log = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1-dev reads
 # Fault injection for tests and drills: a request whose prompt equals this variable's value runs out of memory
 # inside the denoising loop (on every process of a context-parallel stack), so the real recovery path is exercised.
 INJECT_OOM_ENV = "FLUXSERVE_INJECT_OOM_PROMPT"
@@ -44,15 +44,19 @@ class StepCounter:
     a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
     torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
     cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
-    graph (a hook inside would run only while the graph is captured)."""
+    graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time package
+    calls the counter from its forward, where the cache's skip decision has already been taken."""
 
     def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
-        module = transformer if whole_forward else transformer.single_transformer_blocks[-1].norm
-        module.register_forward_pre_hook(self._increment)
+        last = transformer.single_transformer_blocks[-1]
+        if block_forward(last) is not None and not whole_forward:  # the block runs a package: no module inside runs
+            block_forward(last).pre_hooks.append(self._increment)
+        else:
+            (transformer if whole_forward else last.norm).register_forward_pre_hook(self._increment)
 
     @torch.compiler.disable
-    def _increment(self, module, args) -> None:
+    def _increment(self, *module_and_args) -> None:
         self.count += 1
 
     def reset(self) -> None:
@@ -211,7 +215,7 @@ class StackPipeline:
         from torch.profiler import ProfilerActivity, profile
 
         embeddings = self._encode(request.prompt)
-        with eager_forward(self.pipe.transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with eager_forward(self.pipe.transformer), paused(self.pipe.transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
             self._denoise(embeddings, dataclasses.replace(request, steps=1), should_stop=None)
         self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
         clock.lap("kernel_check")
@@ -251,6 +255,8 @@ def build_pipeline(
     pipe.set_progress_bar_config(disable=True)
     clock.lap("weights")
     backend = optimize_transformer(pipe.transformer, stack, device)
+    if stack.compile != "none" and device.type == "cuda":  # measured on the GPU; on CPU a compile per load for tests
+        apply_vae_compile(pipe.vae)
     clock.lap("stack")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,15 +279,22 @@ COMPILE_COUNTERS = {  # name -> torch.compile's own counter (what TORCH_LOGS rep
     "inductor_cache_hits": ("inductor", "fxgraph_cache_hit"),
     "inductor_cache_misses": ("inductor", "fxgraph_cache_miss"),
 }
+AOT_COUNTERS = {"aot_blocks_loaded": "blocks_loaded", "aot_packages_built": "packages_built",
+                "aot_fallbacks": "fallbacks"}  # name -> aot_blocks' counter
 
 
 def compile_counters() -> dict[str, int]:
     """What torch.compile has compiled in this process so far, and what its on-disk caches served: a slow
     second load says here whether it traced again, missed the caches or compiled more graphs than expected.
-    Read from torch's process-wide counters (torch._dynamo.utils, private), so a load reports the difference."""
+    Read from torch's process-wide counters (torch._dynamo.utils, private), so a load reports the difference; the
+    `aot_` ones say how many blocks run ahead-of-time packages, how many package folders were built and how often
+    packages fell back to torch.compile."""
     from torch._dynamo.utils import counters
 
-    return {name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()}
+    from . import aot_blocks
+
+    return {**{name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()},
+            **{name: aot_blocks.counters[key] for name, key in AOT_COUNTERS.items()}}
 
 
 def release_memory(device: torch.device) -> None:

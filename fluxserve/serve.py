@@ -19,7 +19,7 @@ from pathlib import Path
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from .placement import parse_model_gpus
 from .repository import REPOSITORY, placed_repository
-from .shared_dirs import content_keyed_directory
+from .shared_dirs import CACHE_HOME, content_keyed_directory
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
@@ -29,7 +29,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTRICTED_APIS = "model-repository,shared-memory,logging,trace"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
-CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
 BACKEND_CACHE = CACHE_HOME / "backends"
 PLACED_REPOSITORIES = CACHE_HOME / "repositories"  # copies of a repository with models placed by --gpus
 # torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
 PARTIAL = ".partial-"  # directories being written; never used, and removed once stale
 STALE_PARTIAL_S = 24 * 3600
 

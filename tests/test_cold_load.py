@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxserve.read_ahead import ReadAhead, weight_files
+from fluxserve.read_ahead import ReadAhead
 from perf.diagnostics import cold_load
 
 ROOT = Path(__file__).resolve().parent.parent

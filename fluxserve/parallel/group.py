@@ -9,10 +9,8 @@ started again in the background, and requests meanwhile fail fast with the same 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ..contract import GenerationRequest
+from ..interpreter import PACKAGE_ROOT, child_environment, python_executable
 from ..pipeline import Generation
 from .messages import Build, Cancel, Done, Exit, Failed, Generate, Ready, Step
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds fluxserve/: the workers import it from here
 POLL_S = 0.1  # how often the instance checks liveness and cancellation while it waits
 EXIT_WAIT_S = 10.0  # a worker told to exit gets this long before it is killed
 
@@ -70,24 +68,12 @@ class Worker:
         return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
-def worker_python() -> str:
-    """The interpreter for the workers: this one, also inside Triton's stub when its sys.executable is python."""
-    executable = Path(sys.executable or "")
-    if executable.name.startswith("python") and executable.is_file():
-        return str(executable)
-    found = shutil.which("python3")
-    if found is None:
-        raise RuntimeError("no python3 on PATH to start the context-parallel workers with")
-    return found
-
-
 def spawn(rank: int, device: torch.device) -> Worker:
     """Start one worker with its end of a private socket pair (no port, no key to share)."""
     ours, theirs = Pipe(duplex=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [worker_python(), "-m", "fluxserve.parallel.worker", str(theirs.fileno())],
-        pass_fds=[theirs.fileno()], env=env, cwd=str(PACKAGE_ROOT),
+        [python_executable(), "-m", "fluxserve.parallel.worker", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], env=child_environment(), cwd=str(PACKAGE_ROOT),
     )
     theirs.close()
     return Worker(rank, device, process, ours)

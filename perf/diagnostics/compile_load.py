@@ -1,6 +1,6 @@
 """Where a compiled stack's load time goes, in one fresh process, without the server.
 
-Run it twice with the same TORCHINDUCTOR_CACHE_DIR (cold caches, then warm) to see what a second load redoes
+Run it twice with the same TORCHINDUCTOR_CACHE_DIR and FLUXSERVE_AOT_PACKAGES (cold caches, then warm) to see what a second load redoes
 (perf/diagnostics/compile_loads.sh does both). Prints one JSON line: the load's phases, what torch.compile compiled
 and what its caches served, and a few requests' latency.
 
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from fluxserve.aot_blocks import PACKAGES_ENV
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
@@ -45,9 +46,11 @@ def main(argv: list[str] | None = None) -> None:
         latencies.append(round(time.perf_counter() - started, 3))
     print(json.dumps({
         "stack": stack.name,
-        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"), "load_s": round(load_s, 3),
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"),
+        "aot_packages": os.environ.get(PACKAGES_ENV, "(default)"), "load_s": round(load_s, 3),
         "load_phases_s": pipeline.load_phases, "compile_stats": pipeline.compile_stats,
         "latencies_s": latencies, "steps_computed": generation.steps_computed if latencies else None,
+        "peak_memory_gib": pipeline.peak_memory_gib(),
     }), flush=True)
 
 

@@ -1,0 +1,161 @@
+"""Ahead-of-time packages for the regionally compiled stacks (fluxserve/aot_blocks.py), on the CPU with
+synthetic:tiny: the first load builds a package per block class, later loads reuse it (any weights, any image size),
+a step cache and the step counter still work over it, and a package that cannot be used falls back to torch.compile
+with a warning. Packages are built once for the module (about 40 s on two cores)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fluxserve import aot_blocks
+from fluxserve.contract import GenerationRequest
+from fluxserve.pipeline import build_pipeline
+from fluxserve.stacks import Stack
+from fluxserve.weights import parse_source
+
+CPU = torch.device("cpu")
+TINY = parse_source("synthetic:tiny")
+REGIONAL = Stack(compile="regional")
+REQUEST = GenerationRequest(prompt="a lighthouse", seed=0, steps=4, guidance=3.5, height=64, width=64)
+TINY_BLOCKS = 4  # synthetic:tiny has 2 double-stream and 2 single-stream blocks
+
+
+def load(stack: Stack, packages, monkeypatch):
+    monkeypatch.setenv(aot_blocks.PACKAGES_ENV, str(packages))
+    return build_pipeline(stack, TINY, CPU, warm_up=REQUEST)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A packages folder after the first load of the regional bf16 stack, and that load."""
+    packages = tmp_path_factory.mktemp("aot")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pipeline = load(REGIONAL, packages, monkeypatch)
+    return packages, pipeline
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile (the fallback) with the eager backend: Inductor takes minutes on two CPU cores."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: compile_(*args, **{**kwargs, "backend": "eager"}))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def package_folder(packages) -> object:
+    (folder,) = [path for path in packages.iterdir() if path.is_dir()]
+    return folder
+
+
+def test_packages_are_off_unless_asked_for(monkeypatch):
+    monkeypatch.delenv(aot_blocks.PACKAGES_ENV, raising=False)
+    assert aot_blocks.packages_folder() is None
+    monkeypatch.setenv(aot_blocks.PACKAGES_ENV, "off")
+    assert aot_blocks.packages_folder() is None
+    monkeypatch.setenv(aot_blocks.PACKAGES_ENV, "on")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/var/cache/fluxserve/inductor")
+    assert str(aot_blocks.packages_folder()) == "/var/cache/fluxserve/aot"  # beside the compile cache
+
+
+def test_the_first_load_builds_one_package_per_block_class_and_runs_every_block_on_it(built):
+    packages, pipeline = built
+    folder = package_folder(packages)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "FluxSingleTransformerBlock.pt2", "FluxTransformerBlock.pt2", "manifest.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["stack"] == {"dtype": "bf16", "attention": "sdpa", "fuse_qkv": False, "quantization": "none"}
+    assert manifest["environment"]["torch"] == torch.__version__
+    stats = pipeline.compile_stats
+    assert stats["aot_packages_built"] == 1 and stats["aot_blocks_loaded"] == TINY_BLOCKS
+    assert stats["aot_fallbacks"] == 0 and stats["frames"] == 0  # nothing went through torch.compile
+    blocks = [*pipeline.pipe.transformer.transformer_blocks, *pipeline.pipe.transformer.single_transformer_blocks]
+    assert all(aot_blocks.block_forward(block) is not None for block in blocks)
+
+
+def test_a_later_load_reuses_the_packages_and_matches_the_eager_stack(built, monkeypatch):
+    packages, _ = built
+    pipeline = load(REGIONAL, packages, monkeypatch)
+    assert pipeline.compile_stats["aot_packages_built"] == 0
+    assert pipeline.compile_stats["aot_blocks_loaded"] == TINY_BLOCKS
+    eager = build_pipeline(Stack(), TINY, CPU)
+    for height, width in ((64, 64), (96, 160)):  # the image-token count is dynamic in the package
+        request = GenerationRequest(prompt="a lighthouse", seed=3, steps=4, guidance=3.5, height=height, width=width)
+        ahead, reference = pipeline.generate(request), eager.generate(request)
+        assert ahead.steps_computed == 4
+        assert ahead.image.shape == (height, width, 3)
+        difference = np.abs(ahead.image.astype(int) - reference.image.astype(int))
+        assert difference.mean() < 2.0, difference.mean()  # bf16 rounding of fused kernels, not another image
+
+
+def test_a_step_cache_skips_steps_over_the_packages_and_the_counter_sees_it(built, monkeypatch):
+    packages, _ = built
+    stack = Stack(cache="taylorseer", cache_interval=3, compile="regional")  # same block code: same packages
+    pipeline = load(stack, packages, monkeypatch)
+    assert pipeline.compile_stats["aot_packages_built"] == 0
+    generation = pipeline.generate(GenerationRequest(prompt="a lighthouse", seed=0, steps=9, guidance=3.5,
+                                                     height=64, width=64))
+    assert 0 < generation.steps_computed < 9
+
+
+def test_the_package_check_runs_in_a_child_and_reports_a_damaged_package(built, tmp_path):
+    packages, _ = built
+    assert aot_blocks.check_in_child(package_folder(packages), CPU) is None
+    damaged = tmp_path / "damaged"
+    shutil.copytree(package_folder(packages), damaged)
+    (damaged / "FluxTransformerBlock.pt2").write_bytes(b"not a zip")
+    failure = aot_blocks.check_in_child(damaged, CPU)
+    assert failure is not None and "exit code 1" in failure
+
+
+def test_a_damaged_package_falls_back_to_torch_compile_with_a_warning(built, tmp_path, monkeypatch, eager_compile,
+                                                                      caplog):
+    packages, _ = built
+    copy = tmp_path / "packages"
+    shutil.copytree(packages, copy)
+    package = package_folder(copy) / "FluxSingleTransformerBlock.pt2"
+    package.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="fluxserve.optimize"):
+        pipeline = load(REGIONAL, copy, monkeypatch)
+    assert "do not load here" in caplog.text and "compiling with torch.compile instead" in caplog.text
+    assert pipeline.compile_stats["aot_fallbacks"] == 1 and pipeline.compile_stats["frames"] > 0
+    assert pipeline.generate(REQUEST).steps_computed == REQUEST.steps
+
+
+def test_packages_that_failed_their_check_are_not_rebuilt_at_every_load(built, tmp_path, monkeypatch, eager_compile,
+                                                                        caplog):
+    packages, _ = built
+    copy = tmp_path / "packages"
+    shutil.copytree(packages, copy)
+    (package_folder(copy) / aot_blocks.UNUSABLE).write_text("loading them in a child process failed (signal 11)\n")
+    with caplog.at_level(logging.WARNING, logger="fluxserve.optimize"):
+        pipeline = load(REGIONAL, copy, monkeypatch)
+    assert "signal 11" in caplog.text
+    assert pipeline.compile_stats["aot_packages_built"] == 0 and pipeline.compile_stats["aot_fallbacks"] == 1
+
+
+def test_packages_of_another_gpu_are_named_and_a_folder_that_cannot_be_written_falls_back(
+        built, tmp_path, monkeypatch, eager_compile, caplog):
+    packages, _ = built
+    copy = tmp_path / "packages"
+    shutil.copytree(packages, copy)
+    here = aot_blocks.environment(CPU)
+    monkeypatch.setattr(aot_blocks, "environment", lambda device: {**here, "device": "NVIDIA H100 80GB HBM3"})
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(aot_blocks, "build_packages", read_only)
+    with caplog.at_level(logging.WARNING):
+        pipeline = load(REGIONAL, copy, monkeypatch)
+    assert f"device {here['device']}" in caplog.text  # what the existing packages were built for
+    assert "could not build ahead-of-time packages" in caplog.text and "Read-only file system" in caplog.text
+    assert pipeline.compile_stats["aot_fallbacks"] == 1
+    assert pipeline.generate(REQUEST).steps_computed == REQUEST.steps
