@@ -135,8 +135,7 @@ class BlockForward:
         return self.package(**{name: kwargs[name] for name in self.fixed_shapes})
 
     def _fits(self, kwargs) -> bool:
-        return all(_shapes(kwargs.get(name)) is not None and _fit(_shapes(kwargs.get(name)), expected)
-                   for name, expected in self.fixed_shapes.items())
+        return all(_fit(_shapes(kwargs.get(name)), expected) for name, expected in self.fixed_shapes.items())
 
 
 def _shapes(value) -> list | None:

@@ -65,6 +65,19 @@ def test_packages_are_off_unless_asked_for(monkeypatch):
     assert str(aot_blocks.packages_folder()) == "/var/cache/fluxserve/aot"  # beside the compile cache
 
 
+def test_a_block_call_outside_the_packages_fixed_shapes_runs_the_blocks_own_forward_with_one_warning(caplog):
+    forward = aot_blocks.BlockForward(package=lambda **inputs: "package", forward=lambda **inputs: "eager",
+                                      fixed_shapes={"hidden_states": [1, None, 8], "rotary": [[None, 4], [None, 4]]})
+    image = torch.zeros(1, 5, 8)
+    rotary = (torch.zeros(517, 4), torch.zeros(517, 4))
+    assert forward(hidden_states=image, rotary=rotary) == "package"  # any image-token count
+    with caplog.at_level(logging.WARNING, logger="fluxserve.aot_blocks"):
+        assert forward(hidden_states=torch.zeros(2, 5, 8), rotary=rotary) == "eager"  # a batch of 2
+        assert forward(hidden_states=image, rotary=rotary[:1]) == "eager"
+        assert forward(hidden_states=image, rotary=rotary, joint_attention_kwargs={"scale": 0.5}) == "eager"
+    assert caplog.text.count("runs eagerly") == 1
+
+
 def test_the_first_load_builds_one_package_per_block_class_and_runs_every_block_on_it(built):
     packages, pipeline = built
     folder = package_folder(packages)
