@@ -279,8 +279,8 @@ def run_packages(folder: Path, device: torch.device) -> None:
     key = json.loads((folder / MANIFEST).read_text())
     for name, inputs in key["inputs"].items():
         package = _load_package(folder / f"{name}.pt2", device)
-        package.load_constants({fqn: _example(spec, device, torch.zeros) for fqn, spec in key["weights"][name].items()},
-                               check_full_update=True)
+        weights = {fqn: _example(spec, device, torch.zeros) for fqn, spec in key["weights"][name].items()}
+        package.load_constants(weights, check_full_update=True, user_managed=True)  # as the server loads them
         with torch.no_grad():
             package(**{input_name: _example(spec, device, torch.randn) for input_name, spec in inputs.items()})
     if device.type == "cuda":
