@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First and second load of compiled stacks without the server: each variant gets its own empty Inductor cache
-# directory and ahead-of-time packages folder (FLUXSERVE_AOT_PACKAGES=off in the caller's environment keeps packages
-# off) and is loaded twice in fresh processes (cold caches, then warm), with perf.diagnostics.compile_load.
+# directory (and, with FLUXSERVE_AOT_PACKAGES=on in the caller's environment, its own ahead-of-time packages folder)
+# and is loaded twice in fresh processes (cold caches, then warm), with perf.diagnostics.compile_load.
 #   bash perf/diagnostics/compile_loads.sh OUTPUT "STACK [compile_load args]" ...
 # e.g. bash perf/diagnostics/compile_loads.sh .runs/cl bf16-cudnn-fp8-fusedqkv-compile-regional "bf16-compile-regional --requests 5"
 # Appends one JSON line per load to OUTPUT/loads.jsonl (compile_load's, plus "variant" and "caches": cold/warm);
@@ -18,7 +18,7 @@ n=0
 for variant in "$@"; do
     n=$((n + 1))
     export TORCHINDUCTOR_CACHE_DIR="$out/cache-$n"
-    [ "${FLUXSERVE_AOT_PACKAGES:-}" = off ] || export FLUXSERVE_AOT_PACKAGES="$out/aot-$n"
+    [ "${FLUXSERVE_AOT_PACKAGES:-off}" = off ] || export FLUXSERVE_AOT_PACKAGES="$out/aot-$n"
     for caches in cold warm; do
         left=$(( end - $(date +%s) ))
         [ "$left" -gt 0 ] || { echo "deadline: $variant ($caches) not run" >&2; exit 0; }
