@@ -123,20 +123,23 @@ def locked_server(tmp_path_factory, test_repository):
 def test_load_and_unload_need_the_admin_key(locked_server, protocol):
     module = httpclient if protocol == "http" else grpcclient
     client = module.InferenceServerClient(locked_server.http_url if protocol == "http" else locked_server.grpc_url)
-    with pytest.raises(InferenceServerException) as error:
-        client.load_model("bf16-fa2")
-    assert "admin-key" in error.value.message() or "restricted" in error.value.message().lower()
-    with pytest.raises(InferenceServerException):
-        client.unload_model("bf16")
-    assert client.is_model_ready("bf16") and not client.is_model_ready("bf16-fa2")
-    headers = admin_headers(protocol, ADMIN_KEY)
-    client.load_model("bf16-fa2", headers=headers)
-    assert client.is_model_ready("bf16-fa2")
-    client.unload_model("bf16-fa2", headers=headers)
-    deadline = time.monotonic() + 30
-    while client.is_model_ready("bf16-fa2") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not client.is_model_ready("bf16-fa2")
+    try:  # an HTTP connection left open holds the server's shutdown for its whole exit timeout
+        with pytest.raises(InferenceServerException) as error:
+            client.load_model("bf16-fa2")
+        assert "admin-key" in error.value.message() or "restricted" in error.value.message().lower()
+        with pytest.raises(InferenceServerException):
+            client.unload_model("bf16")
+        assert client.is_model_ready("bf16") and not client.is_model_ready("bf16-fa2")
+        headers = admin_headers(protocol, ADMIN_KEY)
+        client.load_model("bf16-fa2", headers=headers)
+        assert client.is_model_ready("bf16-fa2")
+        client.unload_model("bf16-fa2", headers=headers)
+        deadline = time.monotonic() + 30
+        while client.is_model_ready("bf16-fa2") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not client.is_model_ready("bf16-fa2")
+    finally:
+        client.close()
     assert good_request_succeeds(locked_server)
 
 
