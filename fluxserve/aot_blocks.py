@@ -243,16 +243,30 @@ def build_packages(staged: Path, samples: dict[str, dict], blocks: dict[str, lis
                    device: torch.device) -> None:
     """Export each block class's first block and compile it into `<class>.pt2` without its weights, then check that
     the packages load here (`check_in_child`): a folder that fails keeps the reason in UNUSABLE."""
-    for name, sample in samples.items():
-        exported = torch.export.export(blocks[name][0], (), sample, dynamic_shapes=dynamic_shapes(sample), strict=False)
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(staged / f"{name}.pt2"),
-            inductor_configs={"aot_inductor.package_constants_in_so": False},
-        )
+    with inductor_config_kept():
+        for name, sample in samples.items():
+            exported = torch.export.export(blocks[name][0], (), sample, dynamic_shapes=dynamic_shapes(sample),
+                                           strict=False)
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(staged / f"{name}.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )
     (staged / MANIFEST).write_text(json.dumps(key, indent=1, sort_keys=True))
     failure = check_in_child(staged, device)
     if failure is not None:
         (staged / UNUSABLE).write_text(failure + "\n")
+
+
+@contextlib.contextmanager
+def inductor_config_kept():
+    """Inductor's process-wide config as it was, after the block: AOTInductor writes its package metadata into it
+    (`aot_inductor.metadata`), and the config is part of torch.compile's cache key, so a fallback to torch.compile
+    after a build missed the Inductor cache that every other load of the stack fills and reads."""
+    saved = torch._inductor.config.save_config()
+    try:
+        yield
+    finally:
+        torch._inductor.config.load_config(saved)
 
 
 def check_in_child(folder: Path, device: torch.device) -> str | None:

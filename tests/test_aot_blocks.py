@@ -33,11 +33,12 @@ def load(stack: Stack, packages, monkeypatch):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A packages folder after the first load of the regional bf16 stack, and that load."""
+    """A packages folder after the first load of the regional bf16 stack, that load, and Inductor's config before it."""
     packages = tmp_path_factory.mktemp("aot")
+    config = torch._inductor.config.get_config_copy()
     with pytest.MonkeyPatch.context() as monkeypatch:
         pipeline = load(REGIONAL, packages, monkeypatch)
-    return packages, pipeline
+    return packages, pipeline, config
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_a_block_call_outside_the_packages_fixed_shapes_runs_the_blocks_own_forw
 
 
 def test_the_first_load_builds_one_package_per_block_class_and_runs_every_block_on_it(built):
-    packages, pipeline = built
+    packages, pipeline, _ = built
     folder = package_folder(packages)
     assert sorted(path.name for path in folder.iterdir()) == [
         "FluxSingleTransformerBlock.pt2", "FluxTransformerBlock.pt2", "manifest.json"]
@@ -93,8 +94,15 @@ def test_the_first_load_builds_one_package_per_block_class_and_runs_every_block_
     assert all(aot_blocks.block_forward(block) is not None for block in blocks)
 
 
+def test_a_build_leaves_inductors_config_as_it_found_it(built):
+    # AOTInductor writes its package metadata into the process-wide config, which is part of torch.compile's cache
+    # key: left changed, a fallback to torch.compile after a build missed the Inductor cache other loads fill.
+    *_, before = built
+    assert torch._inductor.config.get_config_copy() == before
+
+
 def test_a_later_load_reuses_the_packages_and_matches_the_eager_stack(built, monkeypatch):
-    packages, _ = built
+    packages, *_ = built
     pipeline = load(REGIONAL, packages, monkeypatch)
     assert pipeline.compile_stats["aot_packages_built"] == 0
     assert pipeline.compile_stats["aot_blocks_loaded"] == TINY_BLOCKS
@@ -109,7 +117,7 @@ def test_a_later_load_reuses_the_packages_and_matches_the_eager_stack(built, mon
 
 
 def test_a_step_cache_skips_steps_over_the_packages_and_the_counter_sees_it(built, monkeypatch):
-    packages, _ = built
+    packages, *_ = built
     stack = Stack(cache="taylorseer", cache_interval=3, compile="regional")  # same block code: same packages
     pipeline = load(stack, packages, monkeypatch)
     assert pipeline.compile_stats["aot_packages_built"] == 0
@@ -119,7 +127,7 @@ def test_a_step_cache_skips_steps_over_the_packages_and_the_counter_sees_it(buil
 
 
 def test_the_package_check_runs_in_a_child_and_reports_a_damaged_package(built, tmp_path):
-    packages, _ = built
+    packages, *_ = built
     assert aot_blocks.check_in_child(package_folder(packages), CPU) is None
     damaged = tmp_path / "damaged"
     shutil.copytree(package_folder(packages), damaged)
@@ -130,7 +138,7 @@ def test_the_package_check_runs_in_a_child_and_reports_a_damaged_package(built, 
 
 def test_a_damaged_package_falls_back_to_torch_compile_with_a_warning(built, tmp_path, monkeypatch, eager_compile,
                                                                       caplog):
-    packages, _ = built
+    packages, *_ = built
     copy = tmp_path / "packages"
     shutil.copytree(packages, copy)
     package = package_folder(copy) / "FluxSingleTransformerBlock.pt2"
@@ -144,7 +152,7 @@ def test_a_damaged_package_falls_back_to_torch_compile_with_a_warning(built, tmp
 
 def test_packages_that_failed_their_check_are_not_rebuilt_at_every_load(built, tmp_path, monkeypatch, eager_compile,
                                                                         caplog):
-    packages, _ = built
+    packages, *_ = built
     copy = tmp_path / "packages"
     shutil.copytree(packages, copy)
     (package_folder(copy) / aot_blocks.UNUSABLE).write_text("loading them in a child process failed (signal 11)\n")
@@ -156,7 +164,7 @@ def test_packages_that_failed_their_check_are_not_rebuilt_at_every_load(built, t
 
 def test_packages_of_another_gpu_are_named_and_a_folder_that_cannot_be_written_falls_back(
         built, tmp_path, monkeypatch, eager_compile, caplog):
-    packages, _ = built
+    packages, *_ = built
     copy = tmp_path / "packages"
     shutil.copytree(packages, copy)
     here = aot_blocks.environment(CPU)
