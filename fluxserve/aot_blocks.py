@@ -34,12 +34,12 @@ import torch
 
 from .contract import MAX_SEQUENCE_LENGTH
 from .interpreter import PACKAGE_ROOT, child_environment, python_executable
-from .shared_dirs import CACHE_HOME, content_keyed_directory
+from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 
 log = logging.getLogger(__name__)
 
 # Packages are opt-in: FLUXSERVE_AOT_PACKAGES=on keeps them beside the compile cache (TORCHINDUCTOR_CACHE_DIR's
-# folder), =<folder> there; unset or off, regional stacks compile with torch.compile (the README says why).
+# parent), =<folder> there; unset or off, regional stacks compile with torch.compile (the README says why).
 PACKAGES_ENV = "FLUXSERVE_AOT_PACKAGES"
 ON, OFF = "on", "off"
 MANIFEST = "manifest.json"
@@ -49,6 +49,8 @@ PATCH = 16  # pixels per image token side: 8x VAE downsampling, then 2x2 latent 
 MIN_IMAGE_TOKENS = 4  # export needs a lower bound above 1; the contract's smallest image (64x64) has 16 tokens
 MAX_IMAGE_TOKENS = (2048 // PATCH) ** 2
 SAMPLE_SIZE = 272  # pixels per side of the forward that records block inputs: 289 image tokens, unlike any other dim
+SAMPLE_TOKENS = (SAMPLE_SIZE // PATCH) ** 2
+SAMPLE_ROTARY = SAMPLE_TOKENS + MAX_SEQUENCE_LENGTH  # the rotary embedding covers text and image tokens
 VERSIONED_PACKAGES = ("torch", "torchao", "diffusers", "nvidia-cudnn-frontend")
 # Stack fields that change the code inside a block (caches, CUDA graphs and the step counter sit outside it).
 CODE_FIELDS = ("dtype", "attention", "fuse_qkv", "quantization")
@@ -68,7 +70,7 @@ def packages_folder() -> Path | None:
         return None
     if value.lower() != ON:
         return Path(value)
-    compile_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    compile_cache = os.environ.get(COMPILE_CACHE_ENV)
     return Path(compile_cache).parent / "aot" if compile_cache else CACHE_HOME / "aot"
 
 
@@ -160,7 +162,7 @@ def record_block_inputs(transformer, device: torch.device) -> dict[str, dict]:
     repeated class: the example inputs to export them with."""
     config = transformer.config
     dtype = transformer.dtype
-    tokens, text = (SAMPLE_SIZE // PATCH) ** 2, MAX_SEQUENCE_LENGTH
+    tokens, text = SAMPLE_TOKENS, MAX_SEQUENCE_LENGTH
     inputs = {
         "hidden_states": torch.randn(1, tokens, config.in_channels, device=device, dtype=dtype),
         "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, device=device, dtype=dtype),
@@ -187,15 +189,11 @@ def record_block_inputs(transformer, device: torch.device) -> dict[str, dict]:
     return {name: {k: v for k, v in kwargs.items() if k != "joint_attention_kwargs"} for name, kwargs in recorded.items()}
 
 
-
 def fixed_shapes(sample: dict) -> dict[str, list]:
     """The recorded inputs' shapes with the image-token dimensions (and image + text tokens) as None."""
-    image = (SAMPLE_SIZE // PATCH) ** 2
-    dynamic = (image, image + MAX_SEQUENCE_LENGTH)
-
     def free(shape):
         return [free(item) for item in shape] if isinstance(shape[0], list) else [
-            None if size in dynamic else size for size in shape]
+            None if size in (SAMPLE_TOKENS, SAMPLE_ROTARY) else size for size in shape]
 
     return {name: free(_shapes(value)) for name, value in sample.items() if _shapes(value) is not None}
 
@@ -205,7 +203,7 @@ def dynamic_shapes(sample: dict) -> dict:
     from torch.export import Dim
 
     image = Dim("image_tokens", min=MIN_IMAGE_TOKENS, max=MAX_IMAGE_TOKENS)
-    sizes = {(SAMPLE_SIZE // PATCH) ** 2: image, (SAMPLE_SIZE // PATCH) ** 2 + MAX_SEQUENCE_LENGTH: image + MAX_SEQUENCE_LENGTH}
+    sizes = {SAMPLE_TOKENS: image, SAMPLE_ROTARY: image + MAX_SEQUENCE_LENGTH}
 
     def spec(value):
         if isinstance(value, tuple):

@@ -28,7 +28,8 @@ import yaml
 from .contract import ADMIN_KEY_ENV, Limits
 from .optimize import FP8_MIN_CAPABILITY, FP8_QUANTIZATIONS
 from .placement import Placement, check_placement, format_instance
-from .serve import COMPILE_CACHE_ENV, server_command
+from .serve import server_command
+from .shared_dirs import COMPILE_CACHE_ENV
 from .stacks import Stack, catalog_by_name
 from .weights import ENV_VAR as WEIGHTS_ENV
 

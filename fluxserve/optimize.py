@@ -261,9 +261,10 @@ def compile_block_forwards(transformer) -> None:
     compiled code: Dynamo caches it per code object (the class's `forward`), guards on the module's type and
     hooks, not on which block it is, and takes the weights as graph inputs (tests/test_compiled_caches.py checks
     this with more blocks than Dynamo's recompile limit)."""
-    classes = transformer._repeated_blocks
-    for block in transformer.modules():
-        if type(block).__name__ in classes:
+    from .aot_blocks import repeated_blocks
+
+    for members in repeated_blocks(transformer).values():
+        for block in members:
             block.forward = torch.compile(block.forward)
 
 

@@ -50,8 +50,9 @@ class StepCounter:
     def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
         last = transformer.single_transformer_blocks[-1]
-        if block_forward(last) is not None and not whole_forward:  # the block runs a package: no module inside runs
-            block_forward(last).pre_hooks.append(self._increment)
+        ahead_of_time = block_forward(last)
+        if ahead_of_time is not None and not whole_forward:  # the block runs a package: no module inside runs
+            ahead_of_time.pre_hooks.append(self._increment)
         else:
             (transformer if whole_forward else last.norm).register_forward_pre_hook(self._increment)
 

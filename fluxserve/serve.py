@@ -19,7 +19,7 @@ from pathlib import Path
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from .placement import parse_model_gpus
 from .repository import REPOSITORY, placed_repository
-from .shared_dirs import CACHE_HOME, content_keyed_directory
+from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
 from .serving import WARMUP_SIZE_ENV
@@ -31,8 +31,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 BACKEND_CACHE = CACHE_HOME / "backends"
 PLACED_REPOSITORIES = CACHE_HOME / "repositories"  # copies of a repository with models placed by --gpus
-# torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.
-COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 @dataclass

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxserve"
+# torch.compile's on-disk cache (Inductor, AOTAutograd): a compiled stack's second load reuses it.
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 PARTIAL = ".partial-"  # directories being written; never used, and removed once stale
 STALE_PARTIAL_S = 24 * 3600
 
