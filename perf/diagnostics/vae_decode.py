@@ -40,22 +40,21 @@ def main() -> None:
     latents = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
     results, reference = {}, None
     for variant in ("eager", "channels_last", "compiled", "compiled_channels_last"):
-        vae.to(memory_format=torch.channels_last if variant.endswith("channels_last") else torch.contiguous_format)
+        layout = torch.channels_last if variant.endswith("channels_last") else torch.contiguous_format
+        vae.to(memory_format=layout)
         decode = vae.decode
         if variant.startswith("compiled"):
             torch._dynamo.reset()
             decode = torch.compile(vae.decode)
+
+        def run(x, decode=decode, layout=layout):
+            return decode(x.contiguous(memory_format=layout), return_dict=False)[0]
+
         started = time.perf_counter()
         with torch.inference_mode():
-            first = decode(latents.contiguous(memory_format=torch.channels_last) if "channels_last" in variant else latents,
-                           return_dict=False)[0]
+            first = run(latents)
             torch.cuda.synchronize()
             first_s = round(time.perf_counter() - started, 3)
-
-            def run(x, decode=decode, variant=variant):
-                return decode(x.contiguous(memory_format=torch.channels_last) if "channels_last" in variant else x,
-                              return_dict=False)
-
             ms = median_ms(run, latents, args.repeats)
         reference = first.float() if reference is None else reference
         results[variant] = {"median_ms": ms, "first_call_s": first_s,
