@@ -13,7 +13,16 @@ import torch
 import tritonclient.http as httpclient
 
 from conftest import make_inputs
-from fluxserve.fp8_attention import FP8, FP8_MAX, Fp8AttnProcessor, fp8_attention, quantize_per_tensor
+from diffusers.models.transformers.transformer_flux import apply_rotary_emb
+
+from fluxserve.fp8_attention import (
+    FP8,
+    FP8_MAX,
+    Fp8AttnProcessor,
+    fp8_attention,
+    quantize_per_tensor,
+    rms_norm_bound,
+)
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import Stack
 from fluxserve.weights import parse_source
@@ -46,6 +55,31 @@ def test_quantize_fits_the_range_with_an_exact_power_of_two(magnitude):
     assert values.abs().max() > FP8_MAX / 2  # the largest power of two that fits: no range left unused
     assert torch.log2(descale).item() == round(torch.log2(descale).item())
     assert relative_error(values * descale, x.float()) < 0.05  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 3e4])
+def test_the_rms_norm_bound_holds_for_every_normalized_and_rotated_head(magnitude):
+    # Q and K are scaled by a bound from the norms' weights instead of their measured maximum (no reduction over the
+    # tensor): it must hold whatever the activations, also for a head whose energy sits in one element.
+    generator = torch.Generator().manual_seed(1)
+    norms = [torch.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)]
+    for norm, scale in zip(norms, (0.3, 7.0), strict=True):
+        norm.weight.data = (torch.randn(32, generator=generator) * scale).bfloat16()
+    x = qkv(magnitude)[0]
+    x[0, 0, 0] = 0
+    x[0, 0, 0, 5] = magnitude  # one spike: that element carries the whole root mean square
+    angles = torch.rand((96, 16), generator=generator) * 6.3
+    rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    heads = [apply_rotary_emb(norm(x), rotary, sequence_dim=1) for norm in norms]
+    bound = rms_norm_bound(*norms)
+    largest = max(head.float().abs().max().item() for head in heads)
+    assert largest <= bound.item() * (1 + 2 ** -7)  # up to bf16's rounding (which saturates)
+    assert largest >= bound.item() / 16  # and not so loose that it wastes e4m3's range
+    for head in heads:
+        quantized, descale = quantize_per_tensor(head, bound)
+        assert torch.isfinite(quantized.float()).all()
+        assert descale.item() >= quantize_per_tensor(head)[1].item()  # never a finer scale than the maximum's
+        assert relative_error(quantized.float() * descale, head.float()) < 0.05
 
 
 @pytest.mark.parametrize("value_magnitude", [1.0, 3e4])

@@ -84,6 +84,31 @@ def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
     assert abs(image_separate - image_fused).max() <= 2  # 8-bit pixels: the fused matmul rounds differently
 
 
+def test_sigmoid_gelu_computes_the_tanh_gelu_in_every_block():
+    from diffusers.models.activations import GELU
+
+    from fluxserve.optimize import apply_sigmoid_gelu, gelu_tanh_as_sigmoid
+
+    x = torch.linspace(-12, 12, 10001)
+    assert (gelu_tanh_as_sigmoid(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 1e-5
+    transformer = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu")).pipe.transformer
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn((1, 16, transformer.config.in_channels), generator=generator),
+                  encoder_hidden_states=torch.randn((1, 8, transformer.config.joint_attention_dim), generator=generator),
+                  pooled_projections=torch.randn((1, transformer.config.pooled_projection_dim), generator=generator),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.randn((16, 3), generator=generator), txt_ids=torch.zeros((8, 3)), return_dict=False)
+    inputs = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = transformer(**inputs)[0].float()
+        apply_sigmoid_gelu(transformer)
+        actual = transformer(**inputs)[0].float()
+    gelus = [m for m in transformer.modules() if isinstance(m, (GELU, torch.nn.GELU))]
+    replaced = [m for m in gelus if gelu_tanh_as_sigmoid in (m.__dict__.get("gelu"), m.__dict__.get("forward"))]
+    assert gelus and replaced == gelus  # the feed-forwards' (diffusers' GELU) and the single blocks' (torch's)
+    assert ((actual - expected).norm() / expected.norm()).item() < 0.01  # bf16 rounding, not another function
+
+
 def test_quantized_linear_diagnostic_times_each_quantization_or_says_why_it_cannot():
     done = subprocess.run(
         [sys.executable, "-m", "perf.diagnostics.quantized_linear", "--shape", "32,64,128", "--repeats", "2"],

@@ -58,10 +58,10 @@ def weights_server(saved, tmp_path_factory):
     broken = {"bf16-cut": broken_copy(saved, root / "cut", cut=CUT_SHARD),
               "bf16-missing": broken_copy(saved, root / "missing", missing=MISSING_SHARD)}
     repository = root / "model_repository"
-    for name, weights in (("bf16-folder", saved), ("bf16-hub", HUB_ID), *broken.items()):
+    for name, source in (("bf16-folder", saved), ("bf16-hub", HUB_ID), *broken.items()):
         (repository / name / "1").mkdir(parents=True)
         config = config_pbtxt(Stack()).replace('name: "bf16"', f'name: "{name}"')
-        config += f'parameters {{ key: "weights" value: {{ string_value: "{weights}" }} }}\n'
+        config += f'parameters {{ key: "weights" value: {{ string_value: "{source}" }} }}\n'
         (repository / name / "config.pbtxt").write_text(config)
         (repository / name / "1" / "model.py").write_text(MODEL_PY)
     server = start_server(root, ["bf16-folder", "bf16-hub"], repository,
