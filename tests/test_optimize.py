@@ -84,6 +84,20 @@ def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
     assert abs(image_separate - image_fused).max() <= 2  # 8-bit pixels: the fused matmul rounds differently
 
 
+def test_quantization_covers_the_blocks_linears_and_leaves_the_top_level_layers_bf16():
+    from fluxserve.optimize import UNQUANTIZED_TOP_LEVEL
+
+    transformer = build_pipeline(Stack(quantization="int8"), parse_source("synthetic:tiny"),
+                                 torch.device("cpu")).pipe.transformer
+    linears = {name: type(m.weight).__name__ for name, m in transformer.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    top_level = {name: kind for name, kind in linears.items() if name.split(".")[0] in UNQUANTIZED_TOP_LEVEL}
+    in_blocks = {name: kind for name, kind in linears.items() if name not in top_level}
+    assert set(top_level.values()) == {"Parameter"} and len(top_level) >= len(UNQUANTIZED_TOP_LEVEL)
+    assert set(in_blocks.values()) == {"Int8Tensor"}  # torchao's, every one of them
+    assert any(name.startswith("single_transformer_blocks.") and name.endswith("proj_out") for name in in_blocks)
+
+
 def test_sigmoid_gelu_computes_the_tanh_gelu_in_every_block():
     from diffusers.models.activations import GELU
 
