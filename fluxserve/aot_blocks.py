@@ -18,6 +18,7 @@ inputs are dynamic, where packages live and how every block reuses its class's p
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -88,7 +89,18 @@ def environment(device: torch.device) -> dict[str, str]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return {**hardware, **versions}
+    return {**hardware, **versions, "fluxserve": source_digest()}
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of this package's own source, which decides what a block computes too (how GELU is written, how
+    fp8 attention scales its operands): packages built by other code are not reused."""
+    digest = hashlib.sha256()
+    package = PACKAGE_ROOT / "fluxserve"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def plain_constants(block: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -66,6 +66,21 @@ def test_packages_are_off_unless_asked_for(monkeypatch):
     assert str(aot_blocks.packages_folder()) == "/var/cache/fluxserve/aot"  # beside the compile cache
 
 
+def test_packages_are_keyed_by_this_packages_own_source_too(tmp_path, monkeypatch):
+    # The project's code decides what a block computes (GELU's form, fp8 attention's scales): packages built by
+    # another version of it must not be reused.
+    shutil.copytree(aot_blocks.PACKAGE_ROOT / "fluxserve", tmp_path / "fluxserve",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(aot_blocks, "PACKAGE_ROOT", tmp_path)
+    aot_blocks.source_digest.cache_clear()
+    before = aot_blocks.environment(CPU)["fluxserve"]
+    optimize = tmp_path / "fluxserve" / "optimize.py"
+    optimize.write_text(optimize.read_text() + "\n# another version\n")
+    aot_blocks.source_digest.cache_clear()
+    assert aot_blocks.environment(CPU)["fluxserve"] != before
+    aot_blocks.source_digest.cache_clear()
+
+
 def test_a_block_call_outside_the_packages_fixed_shapes_runs_the_blocks_own_forward_with_one_warning(caplog):
     forward = aot_blocks.BlockForward(package=lambda **inputs: "package", forward=lambda **inputs: "eager",
                                       fixed_shapes={"hidden_states": [1, None, 8], "rotary": [[None, 4], [None, 4]]})
