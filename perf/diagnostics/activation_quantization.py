@@ -15,16 +15,16 @@ timed as CUDA-event medians. Prints one JSON object (and writes it to `--out`).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 
 import torch
 import torch._inductor.config
+from diffusers.models.transformers.transformer_flux import apply_rotary_emb
 from torch import nn
 
-from fluxserve.fp8_attention import quantize_per_tensor
-from fluxserve.optimize import apply_quantization
+from fluxserve.fp8_attention import quantize_per_tensor, rms_norm_bound
+from fluxserve.optimize import apply_quantization, gelu_tanh_as_sigmoid
+from perf.diagnostics.report import emit
 
 TOKENS, TEXT_TOKENS, DIM, MLP_DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 12288, 24, 128
 
@@ -33,13 +33,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.gelu(x, approximate="tanh")
 
 
-def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation written with a sigmoid: 0.5 x (1 + tanh(z)) = x sigmoid(2z), the same function."""
-    x32 = x.float()
-    return (x32 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x32 + 0.044715 * x32 ** 3))).to(x.dtype)
-
-
-ACTIVATIONS = {"none": lambda x: x, "gelu_tanh": gelu_tanh, "gelu_sigmoid": gelu_sigmoid}
+ACTIVATIONS = {"none": lambda x: x, "gelu_tanh": gelu_tanh, "gelu_sigmoid": gelu_tanh_as_sigmoid}
 
 
 class MlpOut(nn.Module):
@@ -64,31 +58,20 @@ class SingleOut(nn.Module):
         return self.proj(torch.cat([attention, self.activation(hidden)], dim=-1))
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX's rotary embedding on (batch, tokens, heads, head_dim), pairs interleaved (as diffusers applies it)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs.unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+def normalized(x, norm, rotary):
+    """FLUX's Q or K after its head's RMSNorm and the rotary embedding, as diffusers computes them."""
+    return apply_rotary_emb(norm(x), rotary, sequence_dim=1)
 
 
-def qk_amax(q, k, weight_q, weight_k, cos, sin):
-    """Q and K as the fp8 attention stacks quantize them: RMSNorm, rotary, then per-tensor absolute maximum."""
-    q, k = (rotate(nn.functional.rms_norm(t, (HEAD_DIM,), w, 1e-6), cos, sin)
-            for t, w in ((q, weight_q), (k, weight_k)))
-    return quantize_per_tensor(q), quantize_per_tensor(k)
+def qk_amax(q, k, norm_q, norm_k, rotary):
+    """Q and K scaled by their absolute maxima (a reduction over the tensor before any value is cast)."""
+    return tuple(quantize_per_tensor(normalized(t, norm, rotary)) for t, norm in ((q, norm_q), (k, norm_k)))
 
 
-def qk_bound(q, k, weight_q, weight_k, cos, sin):
-    """The same values scaled by a bound known before they exist: after RMSNorm every head vector has norm at most
-    sqrt(head_dim) max|weight|, which a rotation keeps, so no element exceeds it."""
-    out = []
-    for t, w in ((q, weight_q), (k, weight_k)):
-        bound = w.detach().abs().amax().float() * math.sqrt(HEAD_DIM)
-        multiplier = torch.exp2(torch.floor(torch.log2(448.0 / bound)))
-        rotated = rotate(nn.functional.rms_norm(t, (HEAD_DIM,), w, 1e-6), cos, sin)
-        out.append(((rotated.float() * multiplier).clamp(-448, 448).to(torch.float8_e4m3fn), multiplier.reciprocal()))
-    return tuple(out)
+def qk_bound(q, k, norm_q, norm_k, rotary):
+    """Q and K as the fp8 attention stacks quantize them: scaled by a bound from their norms' weights."""
+    return tuple(quantize_per_tensor(normalized(t, norm, rotary), rms_norm_bound(norm))
+                 for t, norm in ((q, norm_q), (k, norm_k)))
 
 
 def device_ms(call, repeats: int, inner: int = 10) -> float:
@@ -135,17 +118,19 @@ def main() -> None:
                 results[f"{case}/{name}"] = {"ms": device_ms(lambda: compiled(*inputs), args.repeats)}
                 torch._dynamo.reset()
             results[f"{case}/gelu_sigmoid"]["max_abs_diff_vs_tanh_activation"] = round(
-                (gelu_sigmoid(hidden).float() - gelu_tanh(hidden).float()).abs().max().item(), 5)
+                (gelu_tanh_as_sigmoid(hidden).float() - gelu_tanh(hidden).float()).abs().max().item(), 5)
         q, k = (torch.randn(1, tokens, HEADS, HEAD_DIM, device=cuda, dtype=bf16) * 3 for _ in range(2))
-        weight_q, weight_k = (1 + 0.1 * torch.randn(HEAD_DIM, device=cuda, dtype=bf16) for _ in range(2))
-        angles = torch.randn(tokens, 1, HEAD_DIM // 2, device=cuda).repeat_interleave(2, dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        operands = (q, k, weight_q, weight_k, cos, sin)
+        norm_q, norm_k = (nn.RMSNorm(HEAD_DIM, eps=1e-6).to(cuda, bf16) for _ in range(2))
+        for norm in (norm_q, norm_k):
+            norm.weight.data = 1 + 0.1 * torch.randn(HEAD_DIM, device=cuda, dtype=bf16)
+        angles = torch.randn(tokens, HEAD_DIM // 2, device=cuda)
+        rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+        operands = (q, k, norm_q, norm_k, rotary)
+        exact = normalized(q, norm_q, rotary).float()
         for name, function in (("qk_amax", qk_amax), ("qk_bound", qk_bound)):
             compiled = torch.compile(function)
             (q8, descale_q), _ = compiled(*operands)
             dequantized = q8.float() * descale_q.reshape(())
-            exact = rotate(nn.functional.rms_norm(q, (HEAD_DIM,), weight_q, 1e-6), cos, sin).float()
             results[name] = {"ms": device_ms(lambda: compiled(*operands), args.repeats),
                              "relative_error_q": round(((dequantized - exact).norm() / exact.norm()).item(), 5),
                              "descale_q": descale_q.reshape(()).item()}
@@ -153,10 +138,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
               "inductor": args.inductor,
               "results": results}
-    print(json.dumps(report), flush=True)
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=1)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

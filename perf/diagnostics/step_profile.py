@@ -28,7 +28,11 @@ from fluxserve.cuda_graph import eager_forward
 from fluxserve.pipeline import build_pipeline, finished_time
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
-from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
+from perf.diagnostics.in_process import (
+    add_request_arguments,
+    add_stacks_argument,
+    request_from,
+)
 
 # Kernel families by name, first match wins. cuDNN's attention kernels carry "sdpa"/"fmha"/"flash" in their names;
 # cuBLAS's and CUTLASS's matmuls (torchao's fp8 per-row matmul is CUTLASS) "gemm", "nvjet", "xmma" or "cutlass".

@@ -9,13 +9,13 @@ call's. Prints one JSON object (and writes it to `--out`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 from fluxserve.synthetic import build_synthetic_pipeline
+from perf.diagnostics.report import emit
 
 
 def median_ms(decode, latents: torch.Tensor, repeats: int) -> float:
@@ -61,10 +61,7 @@ def main() -> None:
                             "max_abs_diff_vs_eager": round((first.float() - reference).abs().max().item(), 4)}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "latents": [1, 16, 128, 128],
               "results": results}
-    print(json.dumps(report), flush=True)
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=1)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
