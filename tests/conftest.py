@@ -28,6 +28,7 @@ TEACACHE_NEVER_SKIPS = Stack(cache="teacache", cache_threshold=0.0)
 TEACACHE_ALWAYS_SKIPS = Stack(cache="teacache", cache_threshold=1e6)
 TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS, TEACACHE_ALWAYS_SKIPS)
 SERVER_START_TIMEOUT_S = 180
+WARMUP_SIZE = "64"  # the servers' warm-up generation, square (the default, 1024, takes a minute and a half on 2 cores)
 COMPILED_STACK = "bf16-fusedqkv-compile-regional"  # compiles at load, inside the backend's stub
 QUEUE_OF_FOUR = "bf16-queue4"  # the bf16 stack behind a queue of 4, for the overload test
 OOM_PROMPT = "__inject_out_of_memory__"
@@ -82,7 +83,7 @@ def start_server(tmp: Path, models: list[str], repository: Path | None = None, e
     log_path = tmp / f"tritonserver-{ports[0]}.log"
     command = [
         sys.executable, "-m", "fluxserve.serve", "--models", ",".join(models), "--http-port", str(ports[0]),
-        "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--warmup-size", "64",
+        "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--warmup-size", WARMUP_SIZE,
     ]
     if repository is not None:
         command += ["--repository", str(repository)]

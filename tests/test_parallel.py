@@ -103,6 +103,7 @@ def test_a_step_cache_decides_the_same_on_every_worker(parallel_server):
     finally:
         for model in (single_name, TAYLORSEER_CP2):
             client.unload_model(model)
+        client.close()
     assert output(split, "STEPS_COMPUTED")[0] == output(single, "STEPS_COMPUTED")[0] < 12
     assert psnr(output(split, "IMAGE"), output(single, "IMAGE")) >= 40
 
@@ -126,6 +127,7 @@ def test_cancellation_stops_every_worker_within_a_step(parallel_server):
     time.sleep(2.0)
     call.cancel()
     error = done.get(timeout=60)
+    client.close()
     assert error is not None and "CANCELLED" in str(error.status())
     assert wait_until(lambda: parallel_server.log().count(f"{CP2}: request cancelled by the client") > before, 60)
     line = parallel_server.log().split(f"{CP2}: request cancelled by the client after ")[-1]
@@ -189,16 +191,16 @@ def test_unload_leaves_no_worker_process(parallel_server):
     assert wait_until(lambda: not client.is_model_ready(QUICK_HANG), 30)
     assert wait_until(lambda: not any(alive(pid) for pid in pids), 30), "workers outlived the unload"
     client.load_model(QUICK_HANG)
-    assert client.is_model_ready(QUICK_HANG) and len(worker_pids(parallel_server, QUICK_HANG)) == 2
+    ready = client.is_model_ready(QUICK_HANG)
+    client.close()
+    assert ready and len(worker_pids(parallel_server, QUICK_HANG)) == 2
 
 
-def test_shutdown_leaves_no_worker_process(tmp_path):
-    server = start_server(tmp_path, [CP2])
-    try:
-        pids = worker_pids(server, CP2)
-        assert all(alive(pid) for pid in pids)
-    finally:
-        assert server.stop() == 0
+def test_shutdown_leaves_no_worker_process(parallel_server):
+    # The module's last use of its server: this stops it (a server of its own cost 30 s more on 2 cores).
+    pids = [pid for model in (CP2, QUICK_HANG) for pid in worker_pids(parallel_server, model)]
+    assert len(pids) == 4 and all(alive(pid) for pid in pids)
+    assert parallel_server.stop() == 0
     assert wait_until(lambda: not any(alive(pid) for pid in pids), 30), "workers outlived the server"
 
 

@@ -29,7 +29,10 @@ def client_for(server, protocol):
 def infer(server, model, protocol="http", outputs=ALL_OUTPUTS, prompt="a red fox in snow", **fields):
     module, client = client_for(server, protocol)
     requested = [module.InferRequestedOutput(name) for name in outputs]
-    return client.infer(model, make_inputs(module, prompt, **fields), outputs=requested)
+    try:
+        return client.infer(model, make_inputs(module, prompt, **fields), outputs=requested)
+    finally:
+        client.close()  # an open connection holds a stopping server for its exit timeout
 
 
 def output(result, name):
