@@ -152,6 +152,27 @@ def test_step_cost_diagnostic_times_computed_and_skipped_forwards_apart():
     assert report["skipped_vs_computed"] == round(report["skipped_ms_median"] / report["computed_ms_median"], 4)
 
 
+def test_step_profile_diagnostic_reports_a_step_by_kernel_family_and_matmul_shape(tmp_path):
+    from perf.diagnostics.step_profile import family
+
+    assert family("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_bias_TNT") == "matmul"
+    assert family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f8_knob_32") == "attention"
+    assert family("triton_red_fused__fused_rms_norm_split_view_7") == "inductor_reduction"
+    assert family("triton_poi_fused_add_cat_mul_split_unsqueeze_view_8") == "inductor_pointwise"
+    out = tmp_path / "profile.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "perf.diagnostics.step_profile", "--stacks", "bf16", "--weights", "synthetic:tiny",
+         "--size", "64", "--steps", "2", "--profiled-steps", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["stack"] == "bf16" and report["denoise_ms_per_step"] > 0 and report["as_served"]["wall_ms_per_step"] > 0
+    # No CUDA here, so no kernels; the matmuls are still seen by op and input shape (x_embedder: 16 tokens x 64).
+    assert report["device_ms_per_step"] == 0 and report["matmuls_by_shape"]
+    assert any("[16, 64]" in row["shapes"] for row in report["matmuls_by_shape"])
+
+
 def test_step_cost_diagnostic_refuses_a_stack_without_a_step_cache():
     done = subprocess.run([sys.executable, "-m", "perf.diagnostics.step_cost", "--stacks", "bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
