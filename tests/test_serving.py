@@ -68,8 +68,15 @@ def test_generates_png_and_image_of_the_asked_size(server, protocol, model):
 
 
 def test_compiled_stack_serves_the_same_image_within_rounding(server):
-    eager = infer(server, "bf16", SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
-    compiled = infer(server, COMPILED_STACK, SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
+    # Loaded here, not with the session's server: each test worker starts that server, and only this one compiles.
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=300)
+    client.load_model(COMPILED_STACK)
+    try:
+        eager = infer(server, "bf16", SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
+        compiled = infer(server, COMPILED_STACK, SEED=9, STEPS=3, HEIGHT=64, WIDTH=64)
+    finally:
+        client.unload_model(COMPILED_STACK)
+        client.close()
     assert output(compiled, "STEPS_COMPUTED")[0] == 3
     stats = info_of(compiled)["compile_stats"]  # the load compiled graphs, each served by the cache or compiled
     assert stats["graphs"] >= 1 and stats["inductor_cache_hits"] + stats["inductor_cache_misses"] >= stats["graphs"]
