@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     for option in args.inductor:
         key, value = option.split("=", 1)
-        torch._inductor.config.__setattr__(key, type(getattr(torch._inductor.config, key))(int(value)))
+        setattr(torch._inductor.config, key, type(getattr(torch._inductor.config, key))(int(value)))
     torch.manual_seed(0)
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     tokens = TOKENS + TEXT_TOKENS

@@ -43,7 +43,7 @@ FAMILIES = (
     ("inductor_pointwise", re.compile(r"^triton_")),
     ("copy", re.compile(r"memcpy|memset|copy", re.I)),
 )
-MATMUL_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")
+MATMUL_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm")  # the ops that launch the kernels
 
 
 def family(kernel: str) -> str:
@@ -67,7 +67,7 @@ def summarize(prof, steps: int, top: int) -> dict:
         {"op": average.key, "shapes": str(average.input_shapes)[:160], "calls_per_step": round(average.count / steps, 2),
          "ms_per_step": round(average.device_time_total / steps / 1e3, 3),
          "us_per_call": round(average.device_time_total / max(average.count, 1), 1)}
-        for average in prof.key_averages(group_by_input_shape=True) if average.key in MATMUL_OPS[:4]
+        for average in prof.key_averages(group_by_input_shape=True) if average.key in MATMUL_OPS
     ]
     return {
         "device_ms_per_step": round(sum(families.values()) / steps / 1e3, 2),
