@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
+import types
 
 import torch
 
+from .activations import gelu_tanh_as_sigmoid
 from .cuda_graph import apply_cuda_graph
 from .stacks import Stack
 
@@ -126,6 +127,29 @@ def apply_quantization(transformer, quantization: str) -> None:
     quantize_(transformer, configs[quantization](), filter_fn=quantized_layer)
 
 
+def apply_fused_gelu_quantization(transformer) -> None:
+    """Move each GELU of FLUX's blocks into the per-row fp8 quantization of the linear after it: one hand-written
+    kernel per linear (`fp8_rows`) reads the input rows once, where torchao's arithmetic as Inductor compiles it
+    reads them twice. For the double blocks' feed-forwards (image and text) and the single blocks' output, whose
+    attention output and MLP the kernel reads apart (`fp8_rows.single_block_forward`). After `apply_quantization`
+    with fp8row: the linears keep torchao's e4m3 weights and scales."""
+    from diffusers.models.activations import GELU
+
+    from .fp8_rows import RowwiseFp8Linear, single_block_forward
+
+    for block in transformer.transformer_blocks:
+        for feed_forward in (block.ff, block.ff_context):
+            activation = feed_forward.net[0]
+            if not (isinstance(activation, GELU) and activation.approximate == "tanh"):
+                raise StackUnsupported(f"fuse_gelu_quant expects FLUX's tanh GELU in feed-forwards, found {activation}")
+            feed_forward.net[0] = activation.proj
+            feed_forward.net[2] = RowwiseFp8Linear.from_torchao(feed_forward.net[2])
+    for block in transformer.single_transformer_blocks:
+        block.proj_out = RowwiseFp8Linear.from_torchao(block.proj_out)
+        del block.act_mlp
+        block.forward = types.MethodType(single_block_forward, block)
+
+
 # FLUX's layers outside its repeated blocks: the embedders of the latents, the text, the time and the guidance, and
 # the output layer. Each step they see one row (time, guidance, pooled text), 512 text tokens or 64 channels: under
 # 1% of a step's compute, but they run eagerly even in regionally compiled stacks, where a torchao fp8 linear costs
@@ -238,17 +262,6 @@ def apply_context_parallel(transformer, stack: Stack, device: torch.device) -> N
         transformer.enable_parallelism(config=ContextParallelConfig(**degree))
 
 
-GELU_TANH_COEFFICIENT = 0.044715
-GELU_TANH_SLOPE = 2 * (2 / math.pi) ** 0.5  # twice tanh's sqrt(2/pi): 0.5 (1 + tanh(z)) = sigmoid(2z)
-
-
-def gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation, 0.5 x (1 + tanh(z)), written as x sigmoid(2z): the same function, computed in
-    float32 like torch's own and returned in x's dtype."""
-    x32 = x.float()
-    return (x32 * torch.sigmoid(GELU_TANH_SLOPE * (x32 + GELU_TANH_COEFFICIENT * x32 * x32 * x32))).to(x.dtype)
-
-
 def apply_sigmoid_gelu(transformer) -> None:
     """Make every tanh-approximated GELU (FLUX's feed-forwards and single blocks) compute through a sigmoid.
 
@@ -345,6 +358,8 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
         apply_fused_qkv(transformer)
     if stack.quantization != "none":
         apply_quantization(transformer, stack.quantization)
+    if stack.fuse_gelu_quant:
+        apply_fused_gelu_quantization(transformer)
     if stack.compile != "none":
         apply_sigmoid_gelu(transformer)
     # Step caches wrap the blocks' forwards: packages must be in place first, and a cache whose block hooks run

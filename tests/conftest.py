@@ -155,3 +155,33 @@ def make_inputs(module, prompt="a red fox in snow", **fields):
         tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
         inputs.append(tensor)
     return inputs
+
+
+def unit_scale_flux_transformer():
+    """synthetic:tiny's transformer with each linear's weights at 1/sqrt(fan_in): the synthetic 0.02 leaves the tiny
+    blocks' contributions below bf16's resolution of the residual stream, so no block change would show."""
+    import torch
+
+    from fluxserve.pipeline import build_pipeline
+    from fluxserve.weights import parse_source
+
+    transformer = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu")).pipe.transformer
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in transformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
+    return transformer
+
+
+def flux_transformer_inputs(transformer) -> dict:
+    """One step's inputs for a tiny FLUX transformer: 16 image and 8 text tokens, bf16."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn((1, 16, transformer.config.in_channels), generator=generator),
+                  encoder_hidden_states=torch.randn((1, 8, transformer.config.joint_attention_dim), generator=generator),
+                  pooled_projections=torch.randn((1, transformer.config.pooled_projection_dim), generator=generator),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.randn((16, 3), generator=generator), txt_ids=torch.zeros((8, 3)), return_dict=False)
+    return {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, flux_transformer_inputs, unit_scale_flux_transformer
 
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
@@ -105,14 +105,8 @@ def test_sigmoid_gelu_computes_the_tanh_gelu_in_every_block():
 
     x = torch.linspace(-12, 12, 10001)
     assert (gelu_tanh_as_sigmoid(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 1e-5
-    transformer = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu")).pipe.transformer
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn((1, 16, transformer.config.in_channels), generator=generator),
-                  encoder_hidden_states=torch.randn((1, 8, transformer.config.joint_attention_dim), generator=generator),
-                  pooled_projections=torch.randn((1, transformer.config.pooled_projection_dim), generator=generator),
-                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
-                  img_ids=torch.randn((16, 3), generator=generator), txt_ids=torch.zeros((8, 3)), return_dict=False)
-    inputs = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    transformer = unit_scale_flux_transformer()
+    inputs = flux_transformer_inputs(transformer)
     with torch.no_grad():
         expected = transformer(**inputs)[0].float()
         apply_sigmoid_gelu(transformer)

@@ -7,7 +7,10 @@ their bytes need), and the per-tensor quantization of Q and K before fp8 attenti
 GELU's tanh, which Inductor emits as libdevice's accurate tanhf and computes twice per value (once for the row's
 absolute maximum, once to quantize), and the absolute maximum of Q and K, a reduction over the whole tensor
 before any value can be cast. Each case is compiled alone with Inductor's defaults (as the stacks compile) and
-timed as CUDA-event medians. Prints one JSON object (and writes it to `--out`).
+timed as CUDA-event medians. `fused_kernel` cases run the same layers as `fluxserve.fp8_rows.RowwiseFp8Linear`
+(one hand-written kernel quantizes each row, GELU included); `quantize/*` time the quantization alone and
+`matmul` the fp8 matmul alone, and `agreement` compares the kernel's e4m3 values and scales with torchao's own
+quantization of the same GELU'd rows. Prints one JSON object (and writes it to `--out`).
 
     python3 -m perf.diagnostics.activation_quantization --out $OUT/activation_quantization.json
 """
@@ -22,8 +25,10 @@ import torch._inductor.config
 from diffusers.models.transformers.transformer_flux import apply_rotary_emb
 from torch import nn
 
+from fluxserve.activations import gelu_tanh_as_sigmoid
 from fluxserve.fp8_attention import quantize_per_tensor, rms_norm_bound
-from fluxserve.optimize import apply_quantization, gelu_tanh_as_sigmoid
+from fluxserve.fp8_rows import RowwiseFp8Linear, quantize_rows
+from fluxserve.optimize import apply_quantization
 from perf.diagnostics.report import emit
 
 TOKENS, TEXT_TOKENS, DIM, MLP_DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 12288, 24, 128
@@ -56,6 +61,45 @@ class SingleOut(nn.Module):
 
     def forward(self, attention, hidden):
         return self.proj(torch.cat([attention, self.activation(hidden)], dim=-1))
+
+
+class FusedMlpOut(nn.Module):
+    """`MlpOut` as the stacks' `fuse_gelu_quant` runs it: the GELU inside `RowwiseFp8Linear`'s quantization kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(MLP_DIM, DIM)
+
+    def forward(self, hidden):
+        return self.proj(hidden)
+
+
+class FusedSingleOut(FusedMlpOut):
+    """`SingleOut` as `fuse_gelu_quant` runs it: the kernel reads the attention output and the MLP apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(DIM + MLP_DIM, DIM)
+
+    def forward(self, attention, hidden):
+        return self.proj(attention, hidden)
+
+
+def fused_kernel(module_class) -> nn.Module:
+    module = module_class()
+    nn.init.normal_(module.proj.weight, std=0.02)
+    apply_quantization(module.to("cuda", torch.bfloat16), "fp8row")
+    module.proj = RowwiseFp8Linear.from_torchao(module.proj)
+    return module
+
+
+def torchao_quantize_rows(x: torch.Tensor):
+    """torchao's per-row quantization of GELU'd rows, the arithmetic its fp8row linears run on their input."""
+    from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+
+    x = gelu_tanh_as_sigmoid(x)
+    scale = _choose_scale_float8(x, block_size=[1, x.shape[1]], float8_dtype=torch.float8_e4m3fn)
+    return _quantize_affine_float8(x, scale, torch.float8_e4m3fn), scale
 
 
 def normalized(x, norm, rotary):
@@ -117,8 +161,33 @@ def main() -> None:
                 compiled(*inputs)
                 results[f"{case}/{name}"] = {"ms": device_ms(lambda: compiled(*inputs), args.repeats)}
                 torch._dynamo.reset()
+            module = fused_kernel(FusedMlpOut if module_class is MlpOut else FusedSingleOut)
+            compiled = torch.compile(module)
+            compiled(*inputs)
+            results[f"{case}/fused_kernel"] = {"ms": device_ms(lambda: compiled(*inputs), args.repeats)}
+            torch._dynamo.reset()
             results[f"{case}/gelu_sigmoid"]["max_abs_diff_vs_tanh_activation"] = round(
                 (gelu_tanh_as_sigmoid(hidden).float() - gelu_tanh(hidden).float()).abs().max().item(), 5)
+        no_columns = hidden.new_empty((tokens, 0))
+        quantized, scale = quantize_rows(no_columns, hidden)
+        expected, expected_scale = torchao_quantize_rows(hidden)
+        results["agreement"] = {
+            "e4m3_values_equal": round((quantized.view(torch.uint8) == expected.view(torch.uint8)).float().mean().item(), 6),
+            "e4m3_max_abs_diff": (quantized.float() - expected.float()).abs().max().item(),
+            "scales_max_relative_diff": ((scale - expected_scale.reshape(scale.shape)).abs() / expected_scale.reshape(scale.shape)).max().item(),
+        }
+        torchao_compiled = torch.compile(torchao_quantize_rows)
+        torchao_compiled(hidden)
+        results["quantize/torchao_compiled"] = {"ms": device_ms(lambda: torchao_compiled(hidden), args.repeats)}
+        results["quantize/kernel"] = {"ms": device_ms(lambda: quantize_rows(no_columns, hidden), args.repeats)}
+        results["quantize/kernel_single_out"] = {"ms": device_ms(lambda: quantize_rows(attention, hidden),
+                                                                 args.repeats)}
+        weight = fused_kernel(FusedMlpOut).proj
+        results["matmul"] = {"ms": device_ms(
+            lambda: torch._scaled_mm(quantized, weight.weight.t(), scale_a=scale, scale_b=weight.weight_scale,
+                                     bias=weight.bias, out_dtype=bf16, use_fast_accum=weight.use_fast_accum),
+            args.repeats)}
+        torch._dynamo.reset()
         q, k = (torch.randn(1, tokens, HEADS, HEAD_DIM, device=cuda, dtype=bf16) * 3 for _ in range(2))
         norm_q, norm_k = (nn.RMSNorm(HEAD_DIM, eps=1e-6).to(cuda, bf16) for _ in range(2))
         for norm in (norm_q, norm_k):
