@@ -266,10 +266,11 @@ CATALOG: tuple[Stack, ...] = (
     Stack(attention="fp8attn", cache="taylorseer", cache_interval=5, quantization="fp8row", fuse_qkv=True,
           compile="regional"),
     # GELU and the per-row fp8 quantization after it as one kernel (fp8_rows): the fastest uncached stack, and the
-    # fastest cache on the same stack.
+    # fastest cache on the fastest stack without a CUDA graph (cuDNN's attention: without a graph, the fp8 attention
+    # op's host work per call made MagCache 0.24 slower on it, 1.14 s against 0.92 s, perf/results/h200 session 10).
     Stack(attention="fp8attn", quantization="fp8row", fuse_gelu_quant=True, fuse_qkv=True, compile="regional",
           cuda_graph=True),
-    Stack(attention="fp8attn", cache="magcache", cache_threshold=0.24, quantization="fp8row", fuse_gelu_quant=True,
+    Stack(attention="cudnn", cache="magcache", cache_threshold=0.24, quantization="fp8row", fuse_gelu_quant=True,
           fuse_qkv=True, compile="regional"),
     # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
     Stack(attention="cudnn", cuda_graph=True),
