@@ -68,13 +68,16 @@ def _kernel():
                  mask=inside)
         tl.store(scale_ptr + row, scale)
 
-    return triton, quantize_rows_kernel
+    return quantize_rows_kernel
 
 
-@torch.library.custom_op("fluxserve::quantize_rows", mutates_args=())
+@torch.library.triton_op("fluxserve::quantize_rows", mutates_args=())
 def quantize_rows(plain: torch.Tensor, activated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows made of `plain`'s beside `activated`'s after GELU (bf16 matrices, same rows; `plain` may have no
-    columns) -> the rows in e4m3, (rows, columns), and their float32 scales, (rows, 1)."""
+    columns) -> the rows in e4m3, (rows, columns), and their float32 scales, (rows, 1).
+
+    A `triton_op`: compiled code launches the kernel itself, as it launches its own; a plain custom op went
+    through Python's dispatch on every call, which a step cache's eager steps (no CUDA graph) paid for."""
     for name, x in (("plain", plain), ("activated", activated)):
         if x.dim() != 2 or x.dtype != torch.bfloat16 or (x.shape[1] > 1 and x.stride(1) != 1):
             raise ValueError(f"quantize_rows: {name} must be a bf16 matrix with contiguous rows; got {x.dtype} "
@@ -84,23 +87,20 @@ def quantize_rows(plain: torch.Tensor, activated: torch.Tensor) -> tuple[torch.T
                          f"columns each; got {tuple(plain.shape)} and {tuple(activated.shape)}")
     if activated.device.type != "cuda":
         return quantize_rows_reference(plain, activated)
-    triton, kernel = _kernel()
     rows, columns = activated.shape[0], plain.shape[1] + activated.shape[1]
     quantized = torch.empty((rows, columns), dtype=FP8, device=activated.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=activated.device)
     if rows:
-        kernel[(rows,)](plain, activated, quantized, scale, plain.shape[1], activated.shape[1], plain.stride(0),
-                        activated.stride(0), slope=GELU_TANH_SLOPE, coefficient=GELU_TANH_COEFFICIENT,
-                        fp8_max=FP8_MAX, PLAIN_BLOCK=max(16, triton.next_power_of_2(plain.shape[1])),
-                        ACTIVATED_BLOCK=max(16, triton.next_power_of_2(activated.shape[1])))
+        torch.library.wrap_triton(_kernel())[(rows,)](
+            plain, activated, quantized, scale, plain.shape[1], activated.shape[1], plain.stride(0),
+            activated.stride(0), slope=GELU_TANH_SLOPE, coefficient=GELU_TANH_COEFFICIENT, fp8_max=FP8_MAX,
+            PLAIN_BLOCK=_block(plain.shape[1]), ACTIVATED_BLOCK=_block(activated.shape[1]))
     return quantized, scale
 
 
-@quantize_rows.register_fake
-def _(plain: torch.Tensor, activated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = activated.shape[0]
-    return (activated.new_empty((rows, plain.shape[1] + activated.shape[1]), dtype=FP8),
-            activated.new_empty((rows, 1), dtype=torch.float32))
+def _block(columns: int) -> int:
+    """The kernel's block for a row part: the next power of two, at least 16 (Triton's smallest tile)."""
+    return max(16, 1 << (columns - 1).bit_length())
 
 
 class RowwiseFp8Linear(torch.nn.Module):
