@@ -8,7 +8,6 @@ it to `--out`).
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import time
@@ -17,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from fluxserve.png import encode_png
-from perf.diagnostics.report import emit
+from perf.diagnostics.report import emit, repeated_run_arguments
 
 SIZE = 1024
 
@@ -46,11 +45,7 @@ def best_ms(encode, image: np.ndarray, repeats: int) -> tuple[float, bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.png_encode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    args = repeated_run_arguments("perf.diagnostics.png_encode", __doc__).parse_args()
     results = {}
     for name, image in images().items():
         for encoder, encode in (("pillow_level1", pillow_png), ("encode_png", encode_png)):

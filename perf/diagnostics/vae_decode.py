@@ -8,14 +8,13 @@ call's. Prints one JSON object (and writes it to `--out`).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 from fluxserve.synthetic import build_synthetic_pipeline
-from perf.diagnostics.report import emit
+from perf.diagnostics.report import emit, repeated_run_arguments
 
 
 def median_ms(decode, latents: torch.Tensor, repeats: int) -> float:
@@ -31,11 +30,7 @@ def median_ms(decode, latents: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.vae_decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    args = repeated_run_arguments("perf.diagnostics.vae_decode", __doc__).parse_args()
     vae = build_synthetic_pipeline("full", torch.bfloat16, torch.device("cuda")).vae
     latents = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
     results, reference = {}, None
