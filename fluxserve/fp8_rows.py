@@ -29,9 +29,8 @@ import functools
 import torch
 
 from .activations import GELU_TANH_COEFFICIENT, GELU_TANH_SLOPE, gelu_tanh_as_sigmoid
+from .fp8_attention import FP8, FP8_MAX
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
 MAX_COLUMNS = 32768  # one program holds a row: twice FLUX's widest (15360 values); wider rows are refused
 WARPS = (4, 8, 16, 32)  # tried per row width on first use
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from fluxserve.activations import gelu_tanh_as_sigmoid
 from fluxserve.fp8_attention import quantize_per_tensor, rms_norm_bound
-from fluxserve.fp8_rows import RowwiseFp8Linear, quantize_rows
+from fluxserve.fp8_rows import FP8, RowwiseFp8Linear, quantize_rows
 from fluxserve.optimize import apply_quantization
 from perf.diagnostics.report import emit
 
@@ -98,8 +98,8 @@ def torchao_quantize_rows(x: torch.Tensor):
     from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
 
     x = gelu_tanh_as_sigmoid(x)
-    scale = _choose_scale_float8(x, block_size=[1, x.shape[1]], float8_dtype=torch.float8_e4m3fn)
-    return _quantize_affine_float8(x, scale, torch.float8_e4m3fn), scale
+    scale = _choose_scale_float8(x, block_size=[1, x.shape[1]], float8_dtype=FP8)
+    return _quantize_affine_float8(x, scale, FP8), scale
 
 
 def normalized(x, norm, rotary):
