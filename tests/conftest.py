@@ -157,21 +157,36 @@ def make_inputs(module, prompt="a red fox in snow", **fields):
     return inputs
 
 
-def unit_scale_flux_transformer():
-    """synthetic:tiny's transformer with each linear's weights at 1/sqrt(fan_in): the synthetic 0.02 leaves the tiny
-    blocks' contributions below bf16's resolution of the residual stream, so no block change would show."""
+def unit_scale_pipeline():
+    """synthetic:tiny with each of the transformer's linears at 1/sqrt(fan_in): the synthetic 0.02 leaves the tiny
+    blocks' contributions below bf16's resolution of the residual stream, so no block change would show (in a
+    served 96x128 image, zeroing one single block's output moves the PSNR from inf to about 31 dB here)."""
     import torch
 
     from fluxserve.pipeline import build_pipeline
     from fluxserve.weights import parse_source
 
-    transformer = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu")).pipe.transformer
+    pipe = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu")).pipe
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for module in transformer.modules():
+        for module in pipe.transformer.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-    return transformer
+    return pipe
+
+
+def unit_scale_flux_transformer():
+    """The unit-scale pipeline's transformer alone (see unit_scale_pipeline)."""
+    return unit_scale_pipeline().transformer
+
+
+@pytest.fixture(scope="session")
+def unit_scale_weights(tmp_path_factory) -> Path:
+    """The unit-scale pipeline saved as a diffusers-format folder, for servers whose images must show every block
+    (`FLUXSERVE_WEIGHTS` or `--weights`: the real folder loader reads it)."""
+    folder = tmp_path_factory.mktemp("unit-scale") / "FLUX-tiny-unit-scale"
+    unit_scale_pipeline().save_pretrained(folder)
+    return folder
 
 
 def flux_transformer_inputs(transformer) -> dict:
