@@ -123,6 +123,8 @@ class Row:
     attention_kernel: str
     cudnn_version: int | None  # the cuDNN the model's process loaded (INFO), None without a GPU
     measured_at: str
+    run: str | None = None  # a headline row (perf.headline): the run folder it was measured in
+    baseline_p50_s: float | None = None  # a headline row: the baseline's P50 in that same run, its speed-up's base
 
     @staticmethod
     def columns() -> list[dataclasses.Field]:
@@ -498,24 +500,34 @@ def _psnr_cell(value: float | None) -> str:
 SEED_ROWS = {stack.name: stack.seed_row for stack in CATALOG}
 
 
+def speedup(row: Row, base: Row | None) -> float | None:
+    """The baseline's P50 over the row's: the baseline of the row's own run when it names one (headline rows),
+    else the table's."""
+    reference = row.baseline_p50_s if row.baseline_p50_s is not None else (base.p50_s if base else None)
+    return None if reference is None else reference / row.p50_s
+
+
 def table(rows: list[Row], baseline: str) -> str:
-    """The seed's table (Average, Min, P50, P90, P99 seconds) plus this project's columns."""
+    """The seed's table (Average, Min, P50, P90, P99 seconds) plus this project's columns, and the run each row
+    comes from when the rows name one (a headline merged from several runs)."""
     base = next((row for row in rows if row.name == baseline), None)
+    with_runs = any(row.run for row in rows)
     header = ["Optimization Technique", "Seed row", "Average Time (s)", "Min Time (s)", "P50 Time (s)",
               "P90 Time (s)", "P99 Time (s)", "Images/s", "Steps computed", "Load (s)", "Second load (s)", "Triton queue (s)",
               "Triton compute (s)", "In model (s)", "Denoise (s)", "Peak memory (GiB)", f"Speed-up vs {baseline}",
-              f"PSNR vs {baseline} (dB)", "PSNR vs one GPU (dB)", "Measured (UTC)"]
+              f"PSNR vs {baseline} (dB)", "PSNR vs one GPU (dB)", "Measured (UTC)", *(["Run"] if with_runs else [])]
     cells = []
     for row in rows:
-        speedup = f"{base.p50_s / row.p50_s:.2f}x" if base else "n/a"
+        ratio = speedup(row, base)
         memory = "" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.2f}"
         cells.append([
             row.name, SEED_ROWS.get(row.name.removesuffix(DIRECT_SUFFIX), ""),
             *(_seconds(v) for v in (row.average_s, row.min_s, row.p50_s, row.p90_s, row.p99_s)),
             "" if row.images_per_s is None else f"{row.images_per_s:.3f}", f"{row.steps_computed:.1f}/{row.config.steps}", f"{row.load_s:.1f}",
             "" if row.second_load_s is None else f"{row.second_load_s:.1f}", _seconds(row.queue_s),
-            _seconds(row.compute_s), _seconds(row.model_s), _seconds(row.denoise_s), memory, speedup,
-            _psnr_cell(row.psnr_db), _psnr_cell(row.psnr_one_gpu_db), row.measured_at.replace("T", " ")[:16],
+            _seconds(row.compute_s), _seconds(row.model_s), _seconds(row.denoise_s), memory,
+            "n/a" if ratio is None else f"{ratio:.2f}x", _psnr_cell(row.psnr_db), _psnr_cell(row.psnr_one_gpu_db),
+            row.measured_at.replace("T", " ")[:16], *([row.run or ""] if with_runs else []),
         ])
     return markdown_table(header, cells)
 
@@ -618,8 +630,9 @@ def write_chart(path: Path, rows: list[Row], title: str, baseline: str = "bf16")
     notes = []
     for position, row, end in zip(y, ordered, p99):
         parts = [f"{row.p50_s:.2f} s"]
-        if base is not None:
-            parts.append(f"{base.p50_s / row.p50_s:.2f}x")
+        ratio = speedup(row, base)
+        if ratio is not None:
+            parts.append(f"{ratio:.2f}x")
         if _has_step_cache(row.name):
             parts.append(f"{_steps_label(row)} steps")
         notes.append(axes.annotate("   ".join(parts), (end, position), textcoords="offset points", xytext=(5, 0),
@@ -652,8 +665,11 @@ def write_chart(path: Path, rows: list[Row], title: str, baseline: str = "bf16")
         handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.8,
                               label=f"baseline {baseline}: {base.p50_s:.2f} s"))
     figure.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    speedup = f"; Nx: speed-up against {baseline}'s P50" if base is not None else ""
-    figure.suptitle(textwrap.fill(f"{title}{speedup}; N/M steps: steps computed by step-cache stacks", 110),
+    if any(row.baseline_p50_s is not None for row in rows):
+        ratio_note = f"; Nx: speed-up against the {baseline} P50 of the row's own run"
+    else:
+        ratio_note = f"; Nx: speed-up against {baseline}'s P50" if base is not None else ""
+    figure.suptitle(textwrap.fill(f"{title}{ratio_note}; N/M steps: steps computed by step-cache stacks", 110),
                     fontsize=9)
     figure.tight_layout(rect=(0, legend_in / height, 1, 1))
     # a label that would run past the axes goes inside its bar instead (the slowest rows)
