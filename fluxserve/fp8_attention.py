@@ -34,7 +34,6 @@ from diffusers.models.transformers.transformer_flux import (
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 SOFTMAX_SCALE = 256.0
-CUDNN_MIN_CAPABILITY = (9, 0)  # cuDNN's fp8 SDPA forward runs on Hopper and newer
 CUDNN_FRONTEND_PACKAGE = "nvidia-cudnn-frontend"
 
 

@@ -11,13 +11,11 @@ import torch
 
 from .activations import gelu_tanh_as_sigmoid
 from .cuda_graph import apply_cuda_graph
-from .stacks import Stack
+from .stacks import FP8_MATMULS, FP8_QUANTIZATIONS, Stack
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FP8_MIN_CAPABILITY = (8, 9)
-FP8_QUANTIZATIONS = ("fp8", "fp8row")
 
 
 class StackUnsupported(RuntimeError):
@@ -30,31 +28,27 @@ def check_supported(stack: Stack, device: torch.device) -> None:
         raise StackUnsupported(f"stack {stack.name}: cuDNN attention needs a CUDA GPU, this instance runs on {device}")
     if stack.cuda_graph and device.type != "cuda":
         raise StackUnsupported(f"stack {stack.name}: CUDA graphs need a CUDA GPU, this instance runs on {device}")
-    if stack.attention == "fp8attn" and device.type == "cuda":
-        _check_fp8_attention(stack, device)
-    if stack.quantization in FP8_QUANTIZATIONS:
-        if device.type != "cuda":
-            raise StackUnsupported(f"stack {stack.name}: fp8 needs a CUDA GPU of compute capability 8.9+, not {device}")
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MIN_CAPABILITY:
-            raise StackUnsupported(
-                f"stack {stack.name}: fp8 needs compute capability 8.9+ (Ada, Hopper or newer); "
-                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
-            )
+    if stack.quantization in FP8_QUANTIZATIONS and device.type != "cuda":
+        raise StackUnsupported(f"stack {stack.name}: {FP8_MATMULS.feature} needs a CUDA GPU of compute capability "
+                               f"{FP8_MATMULS.version}+, not {device}")
+    if device.type == "cuda":
+        _check_gpu(stack, device)
 
 
-def _check_fp8_attention(stack: Stack, device: torch.device) -> None:
-    from .fp8_attention import CUDNN_FRONTEND_PACKAGE, CUDNN_MIN_CAPABILITY, cudnn_frontend_available
-
+def _check_gpu(stack: Stack, device: torch.device) -> None:
+    """The GPU against the stack's capability need (fp8 attention off a GPU is emulated, so it is checked only here),
+    then the cuDNN frontend that fp8 attention calls."""
+    need = stack.capability_need
     capability = torch.cuda.get_device_capability(device)
-    if capability < CUDNN_MIN_CAPABILITY:
-        raise StackUnsupported(
-            f"stack {stack.name}: cuDNN's fp8 attention needs compute capability 9.0+ (Hopper or newer); "
-            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
-        )
-    if not cudnn_frontend_available():
-        raise StackUnsupported(f"stack {stack.name}: fp8 attention needs the cuDNN frontend: pip install "
-                               f"{CUDNN_FRONTEND_PACKAGE} (see build/requirements-gpu.txt)")
+    if need is not None and capability < need.capability:
+        raise StackUnsupported(f"stack {stack.name}: {need}; {torch.cuda.get_device_name(device)} has "
+                               f"{capability[0]}.{capability[1]}")
+    if stack.attention == "fp8attn":
+        from .fp8_attention import CUDNN_FRONTEND_PACKAGE, cudnn_frontend_available
+
+        if not cudnn_frontend_available():
+            raise StackUnsupported(f"stack {stack.name}: fp8 attention needs the cuDNN frontend: pip install "
+                                   f"{CUDNN_FRONTEND_PACKAGE} (see build/requirements-gpu.txt)")
 
 
 def attention_backend(attention: str, device: torch.device) -> str:

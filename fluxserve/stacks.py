@@ -15,6 +15,7 @@ CACHES = ("none", "fbcache", "teacache", "magcache", "taylorseer")
 THRESHOLD_CACHES = ("fbcache", "teacache", "magcache")  # skip while a measured change stays below a threshold
 INTERVAL_CACHES = ("taylorseer",)  # compute one step in every `cache_interval`, forecast the others
 QUANTIZATIONS = ("none", "fp8", "fp8row", "int8")
+FP8_QUANTIZATIONS = ("fp8", "fp8row")  # torchao's fp8 matmuls
 COMPILES = ("none", "regional", "full")
 PARALLELS = ("none", "ulysses", "ring")  # context parallelism: one image's tokens split over several GPUs
 # Caches that decide from the activations: under context parallelism each rank holds only its share of the tokens,
@@ -40,6 +41,30 @@ NUMBER_TYPES = {"float": float, "int": int}  # stack fields parsed from Triton's
 
 class StackError(ValueError):
     """A stack definition that is invalid (unknown value or impossible combination)."""
+
+
+@dataclass(frozen=True)
+class CapabilityNeed:
+    """The lowest NVIDIA compute capability a stack's kernels run on, and the feature that sets it: one rule that
+    the loader (`optimize.check_supported`) and the deploy generator (`deployment.plan_for`) both read."""
+
+    feature: str
+    capability: tuple[int, int]
+    architectures: str  # the GPU generations from `capability` on
+
+    @property
+    def version(self) -> str:
+        """The capability as NVIDIA writes it, e.g. "8.9"."""
+        return ".".join(map(str, self.capability))
+
+    def __str__(self) -> str:
+        return f"{self.feature} needs compute capability {self.version}+ ({self.architectures})"
+
+
+# torchao's fp8 matmuls use the e4m3 tensor-core instructions that Ada introduced; cuDNN's fp8 SDPA forward runs on
+# Hopper and newer only.
+FP8_MATMULS = CapabilityNeed("fp8", (8, 9), "Ada, Hopper or newer")
+FP8_ATTENTION = CapabilityNeed("cuDNN's fp8 attention", (9, 0), "Hopper or newer")
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,13 @@ class Stack:
         if self.parallel == "ring" and self.attention not in RING_ATTENTIONS:
             raise StackError(f"parallel 'ring' needs attention {' or '.join(RING_ATTENTIONS)} (it merges partial "
                              f"results with the kernel's log-sum-exp); attention is '{self.attention}'")
+
+    @property
+    def capability_need(self) -> CapabilityNeed | None:
+        """The strictest compute capability the stack's kernels need on a GPU, or None when no kernel sets one."""
+        needs = [need for need, used in ((FP8_MATMULS, self.quantization in FP8_QUANTIZATIONS),
+                                         (FP8_ATTENTION, self.attention == "fp8attn")) if used]
+        return max(needs, key=lambda need: need.capability, default=None)
 
     @property
     def gpus(self) -> int:

@@ -69,23 +69,52 @@ def test_invalid_stacks_fail_with_a_clear_message(fields, words):
         assert word in str(error.value)
 
 
-@pytest.mark.parametrize("capability,frontend,words", [
-    ((8, 0), True, ["fp8 attention needs compute capability 9.0+", "has 8.0"]),
-    ((9, 0), False, ["pip install nvidia-cudnn-frontend", "build/requirements-gpu.txt"]),
-])
-def test_an_fp8_attention_stack_says_what_the_gpu_lacks_before_loading_weights(monkeypatch, capability, frontend,
-                                                                                 words):
+@pytest.fixture
+def gpu_of(monkeypatch):
+    """Make torch.cuda report a GPU of the given compute capability, with the cuDNN frontend installed or not; returns
+    the device the loader's check is given."""
     import torch
 
     from fluxserve import fp8_attention
+
+    def gpu(capability: tuple[int, int], frontend: bool = True):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+        monkeypatch.setattr(fp8_attention, "cudnn_frontend_available", lambda: frontend)
+        return torch.device("cuda:0")
+
+    return gpu
+
+
+@pytest.mark.parametrize("name,capability,words", [
+    ("bf16-fp8attn", (8, 0), ["fp8 attention needs compute capability 9.0+", "has 8.0"]),
+    ("bf16-fp8attn", (8, 9), ["fp8 attention needs compute capability 9.0+", "has 8.9"]),
+    ("bf16-fp8attn-fp8row-fusedqkv-compile-regional", (8, 0), ["fp8 attention needs compute capability 9.0+"]),
+    ("bf16-fp8", (8, 0), ["fp8 needs compute capability 8.9+", "has 8.0"]),
+])
+def test_the_loader_refuses_a_gpu_below_what_the_stack_needs(gpu_of, name, capability, words):
     from fluxserve.optimize import StackUnsupported, check_supported
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
-    monkeypatch.setattr(fp8_attention, "cudnn_frontend_available", lambda: frontend)
     with pytest.raises(StackUnsupported) as error:
-        check_supported(Stack(attention="fp8attn"), torch.device("cuda:0"))
-    for word in words:
+        check_supported(catalog_by_name()[name], gpu_of(capability))
+    for word in [f"stack {name}", *words]:
+        assert word in str(error.value)
+
+
+def test_the_loader_accepts_fp8_linear_layers_on_ada(gpu_of):
+    from fluxserve.optimize import check_supported
+
+    check_supported(catalog_by_name()["bf16-cudnn-fp8row-fusedqkv-compile-regional-cudagraph"], gpu_of((8, 9)))
+
+
+def test_an_fp8_attention_stack_says_what_the_gpu_lacks_before_loading_weights(gpu_of):
+    import torch
+
+    from fluxserve.optimize import StackUnsupported, check_supported
+
+    with pytest.raises(StackUnsupported) as error:
+        check_supported(Stack(attention="fp8attn"), gpu_of((9, 0), frontend=False))
+    for word in ["pip install nvidia-cudnn-frontend", "build/requirements-gpu.txt"]:
         assert word in str(error.value)
     check_supported(Stack(attention="fp8attn"), torch.device("cpu"))  # emulated on the CPU
 

@@ -40,7 +40,6 @@ KUBERNETES_VERSIONS = (validate_utils.latest_version(), validate_utils.all_versi
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "PodMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
 # Compute capability of the GPUs that GPU feature discovery names (NVIDIA's data sheets).
 PRODUCT_CAPABILITY = {"NVIDIA-A100-SXM4-80GB": (8, 0), "NVIDIA-H100-80GB-HBM3": (9, 0), "NVIDIA-H200": (9, 0)}
-FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper: torchao's fp8 matmuls
 
 
 def render(folder: Path) -> list[dict]:
@@ -226,21 +225,44 @@ def test_probes_use_tritons_health_endpoints(folder):
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
-def test_no_fp8_stack_on_a_gpu_without_fp8(folder):
+def test_every_served_stack_runs_on_the_nodes_gpus(folder):
     catalog = catalog_by_name()
     affinity = only(folder, "Deployment")["spec"]["template"]["spec"]["affinity"]
     (term,) = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     (expression,) = term["matchExpressions"]
     assert expression["key"] == "nvidia.com/gpu.product" and expression["operator"] == "In"
     capability = min(PRODUCT_CAPABILITY[product] for product in expression["values"])
-    fp8 = [name for name in served_models(server(folder)) if catalog[name].quantization in ("fp8", "fp8row")]
-    assert capability >= FP8_MIN_CAPABILITY or not fp8, f"fp8 stacks on compute capability {capability}: {fp8}"
+    beyond = [name for name in served_models(server(folder))
+              if catalog[name].capability_need and capability < catalog[name].capability_need.capability]
+    assert not beyond, f"stacks beyond compute capability {capability}: {beyond}"
 
 
-def test_the_a100_profile_serves_no_fp8_stack():
+def profile_on(capability: tuple[int, int], stack: str) -> deployment.GpuProfile:
+    """The A100 profile, given another compute capability and `stack` on each of its GPUs."""
+    a100 = next(profile for profile in deployment.PROFILES if profile.name == "a100-80gb")
+    return dataclasses.replace(a100, compute_capability=capability, models=(deployment.on_every_gpu(stack, 2),))
+
+
+FP8_ATTENTION_STACK = "bf16-fp8attn"
+FP8_LINEAR_STACK = deployment.FASTEST
+
+
+def test_the_concrete_stacks_are_fp8_in_attention_only_and_in_linear_layers_only():
     catalog = catalog_by_name()
-    assert not [name for name in served_models(server(DEPLOY / "a100-80gb"))
-                if catalog[name].quantization in ("fp8", "fp8row")]
+    assert (catalog[FP8_ATTENTION_STACK].attention, catalog[FP8_ATTENTION_STACK].quantization) == ("fp8attn", "none")
+    assert (catalog[FP8_LINEAR_STACK].attention, catalog[FP8_LINEAR_STACK].quantization) == ("cudnn", "fp8row")
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9)], ids=["a100", "ada"])
+def test_the_generator_refuses_fp8_attention_below_hopper(capability):
+    with pytest.raises(deployment.ProfileError, match=rf"{FP8_ATTENTION_STACK}: .*compute capability 9\.0\+"):
+        deployment.plan_for(profile_on(capability, FP8_ATTENTION_STACK))
+
+
+def test_the_generator_accepts_fp8_linear_layers_on_ada_but_not_on_the_a100():
+    assert deployment.plan_for(profile_on((8, 9), FP8_LINEAR_STACK)).stacks == (catalog_by_name()[FP8_LINEAR_STACK],)
+    with pytest.raises(deployment.ProfileError, match=rf"{FP8_LINEAR_STACK}: .*compute capability 8\.9\+"):
+        deployment.plan_for(profile_on((8, 0), FP8_LINEAR_STACK))
 
 
 @pytest.mark.parametrize("folder", PROFILE_DIRS, ids=lambda path: path.name)
@@ -409,7 +431,6 @@ def test_image_and_pods_run_the_readme_launcher():
 
 
 @pytest.mark.parametrize("models,message", [
-    ((deployment.on_every_gpu(deployment.FASTEST, 2),), "cannot load fp8"),
     ((deployment.Model("bf16-x", ((0,),)),), "not in the catalog"),
     (tuple(deployment.on_every_gpu(name, 2) for name in ("bf16", "fp16", "bf16-compile-regional")), "GPU 0 needs"),
     ((deployment.Model("bf16", ((1,),)),), "0..N-1"),
