@@ -1,0 +1,201 @@
+"""Mixed traffic against a running server: steady P50s, capacity, then open-loop Locust at a fraction of it.
+
+1. Steady P50s: for each model and each size of the mix, one request at a time: one warm-up (the first request
+   of a size may compile or capture a CUDA graph), then `--requests` timed ones; their P50 is that model and
+   size's service time, written to OUT/steady_p50.csv.
+2. Capacity: a model's mean service time over the size mix (weighted), and its capacity, 1 / that. The models
+   share the server's device(s) and each arrival picks one at random, so the run's capacity is 1 / the mean over
+   the models of their mean service times; the offered rate is `--fraction` of it (or `--rate`).
+3. Open loop: perf/locustfile.py with Poisson arrivals at that rate for `--duration`, judged against the steady
+   P50s (over twice a size's steady P50), into OUT/locust_* (PREFIX_mixed.csv, PREFIX_exact.csv, ...).
+
+OUT/report.md has the three steps' tables; OUT/capacity.json the capacity numbers; OUT/environment.json the
+command line, date and versions; OUT/locust.log Locust's output.
+
+  python -m perf.mixed_traffic --url 127.0.0.1:8000 --models bf16,fp16 \\
+      --sizes 1024x1024:4,512x512:1,768x1344:2,1344x768:2 --output perf/results/mixed
+
+A plan file (perf/plans/*.args) holds these arguments one per line: `python -m perf.mixed_traffic @PLAN --output
+OUT`, or `bash perf/mixed_traffic.sh PLAN OUT`, which also starts and stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client import LIMITS, PROTOCOLS, FluxClient, GenerateRequest, InferenceServerException
+from perf import load_prompts, markdown_table
+from perf.sweep import environment, gpu_name, names, positive
+from perf.traffic import SIZES_FORM, SizeMix, sizes_argument, write_steady_p50
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUST_PREFIX = "locust"
+_TIMESPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
+
+
+def measure_steady_p50(client: FluxClient, models: list[str], mix: SizeMix, requests: int, steps: int,
+                       guidance: float, prompts: list[str]) -> dict[tuple[str, str], float]:
+    """(model, size label) -> P50 seconds of `requests` sequential requests after one warm-up, each size in turn."""
+    prompt = itertools.cycle(prompts)
+    p50s = {}
+    for model, size in itertools.product(models, mix.sizes):
+        latencies = []
+        for _ in range(1 + requests):
+            request = GenerateRequest(next(prompt), steps=steps, guidance=guidance, height=size.height,
+                                      width=size.width)
+            latencies.append(client.generate(model, request).latency_s)
+        p50s[model, size.label] = float(np.median(latencies[1:]))
+        print(f"steady P50 {model} {size.label}: {p50s[model, size.label]:.3f} s", file=sys.stderr, flush=True)
+    return p50s
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Requests per second the models can serve together at the size mix, and the rate to offer."""
+
+    mean_service_s: dict[str, float]  # per model, over the size mix
+    per_model: dict[str, float]  # 1 / mean service time: each model alone
+    combined: float  # the models sharing the device, arrivals split evenly between them
+    fraction: float
+    rate: float  # offered requests per second
+
+
+def capacity(p50s: dict[tuple[str, str], float], models: list[str], mix: SizeMix, fraction: float,
+             rate: float | None = None) -> Capacity:
+    """From the steady P50s as service times; the rate to offer is `fraction` of the combined capacity unless
+    `rate` is given."""
+    service = {model: mix.mean({size: p50s[model, size.label] for size in mix.sizes}) for model in models}
+    combined = 1 / (sum(service.values()) / len(models))
+    return Capacity(service, {model: 1 / seconds for model, seconds in service.items()}, combined, fraction,
+                    rate or fraction * combined)
+
+
+def locust_command(args: argparse.Namespace, rate: float, steady_file: Path) -> list[str]:
+    """perf/locustfile.py headless: one Poisson stream at `rate`, the mix's sizes, judged by the steady file."""
+    command = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "perf" / "locustfile.py"), "--headless", "-u", "1",
+        "-r", "1", "--run-time", f"{args.duration}s", "--only-summary", "--host", args.url,
+        "--protocol", args.protocol, "--models", ",".join(args.models), "--sizes", args.sizes,
+        "--arrival-rate", f"{rate:.6f}", "--steady-p50", str(steady_file), "--steps", str(args.steps),
+        "--guidance", str(args.guidance), "--csv", str(args.output / LOCUST_PREFIX),
+    ]
+    if args.max_requests:
+        command += ["--max-requests", str(args.max_requests)]
+    if args.prompts_file:
+        command += ["--prompts-file", str(args.prompts_file)]
+    return command
+
+
+def steady_table(p50s: dict[tuple[str, str], float], models: list[str], mix: SizeMix) -> str:
+    """Steady P50 seconds, one row per model, one column per size (weights in the header)."""
+    header = ["Model", *(f"{size.label} (x{weight:g})" for size, weight in zip(mix.sizes, mix.weights))]
+    return markdown_table(header, [[model, *(f"{p50s[model, size.label]:.3f}" for size in mix.sizes)]
+                                   for model in models])
+
+
+def capacity_table(result: Capacity) -> str:
+    rows = [[model, f"{result.mean_service_s[model]:.3f}", f"{result.per_model[model]:.3f}"]
+            for model in result.mean_service_s]
+    return markdown_table(["Model", "Mean service time (s)", "Capacity alone (req/s)"], rows)
+
+
+def report(args: argparse.Namespace, mix: SizeMix, p50s, result: Capacity, locust_exit: int) -> str:
+    """report.md: the steady P50s, the capacity and Locust's mixed table."""
+    mixed = args.output / f"{LOCUST_PREFIX}_mixed.md"
+    return "\n".join([
+        f"# Mixed traffic: {', '.join(args.models)}\n",
+        f"{args.steps} steps, guidance {args.guidance}, {args.protocol}, {args.duration} s open loop.\n",
+        f"## Steady P50 (s): one request at a time, {args.requests} after a warm-up\n",
+        steady_table(p50s, args.models, mix),
+        "## Capacity\n",
+        capacity_table(result),
+        f"Together (the models share the device, arrivals split evenly): {result.combined:.3f} req/s; offered "
+        f"{result.rate:.3f} req/s" + (f" ({result.fraction:g} of it).\n" if args.rate is None else " (--rate).\n"),
+        f"## Open loop (Locust exit code {locust_exit})\n",
+        mixed.read_text() if mixed.exists() else f"No report from Locust: see {args.output / 'locust.log'}.\n",
+    ])
+
+
+def record_environment(args: argparse.Namespace, argv: list[str], client: FluxClient) -> None:
+    run = environment(argv, client.server_version(), gpu_name())
+    run["command"] = shlex.join(["python", "-m", "perf.mixed_traffic", *argv])
+    run["arguments"] = vars(args)  # what a plan file (@PLAN) expanded to
+    (args.output / "environment.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+
+
+def duration_s(text: str) -> int:
+    """Locust's --run-time forms: 300, 300s, 5m, 1h30m."""
+    match = _TIMESPAN.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"expected a time like 300, 300s, 5m or 1h30m; got {text!r}")
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def above_zero(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.mixed_traffic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@")
+    parser.add_argument("--url", default=None, help="server address (default: the protocol's on 127.0.0.1)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="http")
+    parser.add_argument("--models", required=True, type=names, help="comma-separated models, already loaded")
+    parser.add_argument("--sizes", required=True, type=sizes_argument, help=f"the size mix: {SIZES_FORM}")
+    parser.add_argument("--output", required=True, type=Path, help="folder for every file of the run")
+    parser.add_argument("--fraction", type=above_zero, default=0.8, help="of the capacity to offer (default 0.8)")
+    parser.add_argument("--rate", type=above_zero, help="offer this many requests per second instead")
+    parser.add_argument("--duration", type=duration_s, default=300, help="of the open-loop run (default 5m)")
+    parser.add_argument("--requests", type=positive, default=3,
+                        help="timed sequential requests per model and size, after one warm-up (default 3)")
+    parser.add_argument("--max-requests", type=int, default=0, help="also stop the open loop after this many")
+    parser.add_argument("--steps", type=int, default=LIMITS.default_steps)
+    parser.add_argument("--guidance", type=float, default=LIMITS.default_guidance)
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line (default: perf/prompts.txt)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    mix = SizeMix.parse(args.sizes)
+    client = FluxClient(args.url, args.protocol)
+    args.url = client.url
+    try:
+        record_environment(args, argv, client)
+        p50s = measure_steady_p50(client, args.models, mix, args.requests, args.steps, args.guidance,
+                                  load_prompts(args.prompts_file))
+    except InferenceServerException as exc:
+        print(f"steady P50s: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    steady_file = args.output / "steady_p50.csv"
+    write_steady_p50(steady_file, p50s)
+    result = capacity(p50s, args.models, mix, args.fraction, args.rate)
+    (args.output / "capacity.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    with open(args.output / "locust.log", "w") as log:
+        locust = subprocess.run(locust_command(args, result.rate, steady_file), cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+    (args.output / "report.md").write_text(report(args, mix, p50s, result, locust.returncode))
+    print(f"mixed traffic: results in {args.output} (report.md)", flush=True)
+    return locust.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
