@@ -66,12 +66,15 @@ def test_compile_loads_diagnostic_loads_each_variant_cold_then_from_its_warm_cac
         assert len(report["latencies_s"]) == 1 and report["steps_computed"] == 2
 
 
-def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
+def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image(unit_scale_weights):
     from fluxserve.optimize import SEPARATE_PROJECTIONS
 
-    request = GenerationRequest(prompt="a lighthouse", seed=3, steps=2, guidance=3.5, height=64, width=64)
-    separate = build_pipeline(Stack(), parse_source("synthetic:tiny"), torch.device("cpu"), request)
-    fused = build_pipeline(Stack(fuse_qkv=True), parse_source("synthetic:tiny"), torch.device("cpu"), request)
+    # On the unit-scale weights at 96x128, where every projection shows in the image: on synthetic:tiny's a fused
+    # weight with Q and K in each other's place makes the same image.
+    weights = parse_source(str(unit_scale_weights))
+    request = GenerationRequest(prompt="a lighthouse", seed=3, steps=3, guidance=3.5, height=96, width=128)
+    separate = build_pipeline(Stack(), weights, torch.device("cpu"))
+    fused = build_pipeline(Stack(fuse_qkv=True), weights, torch.device("cpu"))
 
     def parameters(pipeline, kind):
         return {name: p.numel() for name, p in pipeline.pipe.transformer.named_parameters()
@@ -80,8 +83,9 @@ def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image():
     dropped = parameters(separate, SEPARATE_PROJECTIONS)
     assert dropped and not parameters(fused, SEPARATE_PROJECTIONS)
     assert sum(parameters(fused, ("to_qkv", "to_added_qkv")).values()) == sum(dropped.values())
-    image_separate, image_fused = (p.generate(request).image.astype(float) for p in (separate, fused))
-    assert abs(image_separate - image_fused).max() <= 2  # 8-bit pixels: the fused matmul rounds differently
+    image_separate, image_fused = (p.generate(request).image.astype(int) for p in (separate, fused))
+    difference = abs(image_separate - image_fused).max()
+    assert difference <= 2, difference  # 8-bit pixels: the fused matmul may round differently (Q and K swapped: 37)
 
 
 def test_quantization_covers_the_blocks_linears_and_leaves_the_top_level_layers_bf16():
@@ -141,7 +145,8 @@ def test_step_cost_diagnostic_times_computed_and_skipped_forwards_apart():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["stack"] == "bf16-taylorseer-interval3"
-    assert report["computed"] + report["skipped"] == 2 * 8 and report["computed"] > 0 and report["skipped"] > 0
+    # Interval 3 after 3 warm-up steps computes steps 0, 1, 2, 4 and 7 of 8 (the last always): 5 per request.
+    assert (report["computed"], report["skipped"]) == (2 * 5, 2 * 3)
     assert 0 < report["skipped_ms_median"] < report["computed_ms_median"]
     assert report["skipped_vs_computed"] == round(report["skipped_ms_median"] / report["computed_ms_median"], 4)
 
