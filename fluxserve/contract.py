@@ -41,6 +41,9 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 SIZE_MULTIPLE = 16
 PIXELS_PER_TOKEN_SIDE = 16  # FLUX: VAE downsampling (8) x 2x2 latent packing: one token per 16x16 pixels
 SEED_MAX = 2**63 - 1
+# The usual FLUX.1 aspect-ratio buckets near one megapixel, and 512x512: what a compiled or graphed stack runs once
+# at load by default (after its default size), so that no request at these sizes compiles or captures a graph.
+WARMUP_BUCKETS = ((512, 512), (768, 1344), (1344, 768), (832, 1216), (1216, 832), (896, 1152), (1152, 896))
 
 
 def admin_headers(protocol: str, admin_key: str) -> dict[str, str]:
@@ -145,6 +148,31 @@ def check_token_split(height: int, width: int, parts: int) -> None:
         )
 
 
+def check_area(height: int, width: int, limits: Limits, token_parts: int = 1) -> None:
+    """HEIGHT x WIDTH within the model's pixel budget, with a token count its GPUs split evenly."""
+    if height * width > limits.max_pixels:
+        raise InvalidInput(f"HEIGHT x WIDTH must be at most {limits.max_pixels} pixels, got {height}x{width}")
+    check_token_split(height, width, token_parts)
+
+
+def parse_sizes(text: str, limits: Limits, token_parts: int = 1, field: str = "warmup_sizes") -> list[tuple[int, int]]:
+    """'HxW,HxW,...' -> [(height, width), ...], each size one a request could ask for; a ValueError names `field`."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            height, width = (int(side) for side in item.lower().split("x"))
+            inputs = {"HEIGHT": np.int64(height), "WIDTH": np.int64(width)}
+            bounds = (limits.default_size, limits.min_size, limits.max_size, SIZE_MULTIPLE)
+            check_area(_integer(inputs, "HEIGHT", *bounds), _integer(inputs, "WIDTH", *bounds), limits, token_parts)
+        except (ValueError, InvalidInput) as error:
+            detail = str(error) if isinstance(error, InvalidInput) else "expected HEIGHTxWIDTH, e.g. 1024x768"
+            raise ValueError(f"{field}: size {item!r}: {detail}") from None
+        sizes.append((height, width))
+    if not sizes:
+        raise ValueError(f"{field}: no size in {text!r} (expected HEIGHTxWIDTH[,HEIGHTxWIDTH...])")
+    return sizes
+
+
 def parse_request(inputs: dict, limits: Limits = Limits(), token_parts: int = 1) -> GenerationRequest:
     """Validate raw input arrays (name -> numpy array, absent = None) into a GenerationRequest; `token_parts`
     is the number of GPUs the model splits an image's tokens over."""
@@ -154,9 +182,7 @@ def parse_request(inputs: dict, limits: Limits = Limits(), token_parts: int = 1)
     size = (limits.default_size, limits.min_size, limits.max_size, SIZE_MULTIPLE)
     height = _integer(inputs, "HEIGHT", *size)
     width = _integer(inputs, "WIDTH", *size)
-    if height * width > limits.max_pixels:
-        raise InvalidInput(f"HEIGHT x WIDTH must be at most {limits.max_pixels} pixels, got {height}x{width}")
-    check_token_split(height, width, token_parts)
+    check_area(height, width, limits, token_parts)
     guidance = _scalar(inputs, "GUIDANCE")
     if guidance is None:
         guidance = limits.default_guidance

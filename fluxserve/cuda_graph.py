@@ -17,7 +17,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS = 4  # request shapes kept captured; further shapes run eagerly (each graph holds its activations)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, compile, autotuning)
 
 
@@ -30,14 +29,17 @@ class _Captured:
 
 class GraphedForward:
     """Stands in for `module.forward`: replays a graph per (input shapes, other arguments), capturing it the
-    first time. Outputs live in the graph's buffers until the next call, which the denoising loop allows: it
-    consumes each step's prediction before the next step."""
+    first time, until the load seals it: then a shape without a graph runs the plain forward (capturing costs
+    two extra forwards, and each graph holds memory: only the load's warm-up sizes get one). Outputs live in the
+    graph's buffers until the next call, which the denoising loop allows: it consumes each step's prediction
+    before the next step."""
 
     def __init__(self, forward) -> None:
         self.forward = forward
         self.captured: dict[tuple, _Captured] = {}
         self.pool = None  # one memory pool for every shape's graph: one request runs at a time
         self.paused = False
+        self.sealed = False
 
     def __call__(self, *args, **kwargs):
         if args or self.paused:  # diffusers passes keywords only; positional calls stay eager
@@ -48,7 +50,7 @@ class GraphedForward:
                repr(sorted(others.items())))
         captured = self.captured.get(key)
         if captured is None:
-            if len(self.captured) >= MAX_GRAPHS:
+            if self.sealed:
                 return self.forward(**kwargs)
             captured = self.captured[key] = self._capture(tensors, others)
         for name, buffer in captured.inputs.items():
@@ -84,6 +86,12 @@ class GraphedForward:
 def apply_cuda_graph(transformer: torch.nn.Module) -> None:
     """Make the transformer's forward replay CUDA graphs (module hooks still run, outside the graph)."""
     transformer.forward = GraphedForward(transformer.forward)
+
+
+def seal_cuda_graphs(transformer: torch.nn.Module) -> None:
+    """Capture no more graphs (the load is over): shapes without one run the plain forward."""
+    if isinstance(transformer.forward, GraphedForward):
+        transformer.forward.sealed = True
 
 
 def eager_forward(transformer: torch.nn.Module):

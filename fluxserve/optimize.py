@@ -278,11 +278,15 @@ def apply_sigmoid_gelu(transformer) -> None:
 EAGER_BLOCK_HOOK_CACHES = ("magcache",)
 
 
-def apply_compile(transformer, mode: str, cache: str = "none") -> None:
+def apply_compile(transformer, mode: str, cache: str = "none", dynamic: bool = True) -> None:
     """torch.compile the transformer: `regional` compiles each repeated block (fast to compile, keeps a step
     cache's skip decision eager), `full` the whole forward. Not `fullgraph`: the step counter's hook and the
     caches' skip decisions run eagerly, each a graph break. Under a step cache of `EAGER_BLOCK_HOOK_CACHES`,
     `regional` compiles the blocks' own forwards instead, before the cache hooks them (`compile_block_forwards`).
+
+    `dynamic`: one graph for every image size (the token count symbolic), compiled at load, so that no request
+    compiles. Without it, torch.compile's default: code specialised to the first size seen, compiled again (with
+    the dimensions that changed made dynamic) for the next size, on the request path: 20-40 s on the H200.
 
     Compiled code is guarded on module hooks too (torch skips those guards by default): regional compilation
     reuses one block's code for every block of its class, so without them the step counter's hook on the last
@@ -291,15 +295,25 @@ def apply_compile(transformer, mode: str, cache: str = "none") -> None:
     H200 their coordinate-descent tuning took a compiled fp8 stack's load from 35 s to 278 s (and 15 s to
     120 s with warm caches) for the same latency (perf/results/h200, session 4)."""
     torch._dynamo.config.skip_nnmodule_hook_guards = False
+    if dynamic:
+        distinct_size_symbols()
     if mode == "full":
-        transformer.compile()
+        transformer.compile(dynamic=dynamic or None)
     elif cache in EAGER_BLOCK_HOOK_CACHES:
-        compile_block_forwards(transformer)
+        compile_block_forwards(transformer, dynamic)
     else:
-        transformer.compile_repeated_blocks()
+        transformer.compile_repeated_blocks(dynamic=dynamic or None)
 
 
-def compile_block_forwards(transformer) -> None:
+def distinct_size_symbols() -> None:
+    """Give every dynamic dimension its own symbol: by default ("duck sizing") dimensions equal at the first compile
+    share one, so a size whose token count happened to equal another dimension (a head's width, a channel count)
+    was guarded on staying equal, and the next size compiled again (seen on synthetic:tiny at 64x64: 16 image tokens,
+    16 per head)."""
+    torch.fx.experimental._config.use_duck_shape = False
+
+
+def compile_block_forwards(transformer, dynamic: bool = True) -> None:
     """Regional compilation for a step cache whose block hooks run eagerly: compile each repeated block's own
     `forward`, which the cache, enabled afterwards, wraps and calls on a computed step.
 
@@ -315,7 +329,7 @@ def compile_block_forwards(transformer) -> None:
 
     for members in repeated_blocks(transformer).values():
         for block in members:
-            block.forward = torch.compile(block.forward)
+            block.forward = torch.compile(block.forward, dynamic=dynamic or None)
 
 
 def apply_ahead_of_time(transformer, stack: Stack, device: torch.device) -> bool:
@@ -337,16 +351,17 @@ def apply_ahead_of_time(transformer, stack: Stack, device: torch.device) -> bool
     return True
 
 
-def apply_vae_compile(vae) -> None:
+def apply_vae_compile(vae, dynamic: bool = True) -> None:
     """torch.compile the VAE's decode, the compiled stacks' last eager stage. On the H200 a 1024x1024 decode took
     36 ms compiled against 85 ms eager; channels_last was slower eager (130 ms) and no faster compiled (35.5 ms), so
-    it is not used (perf/results/h200, session 8: perf/diagnostics/vae_decode.py)."""
-    vae.decode = torch.compile(vae.decode)
+    it is not used (perf/results/h200, session 8: perf/diagnostics/vae_decode.py). `dynamic` as in `apply_compile`:
+    compiled for one size, the first request at another size recompiled the decode for 40 s on the H200."""
+    vae.decode = torch.compile(vae.decode, dynamic=dynamic or None)
 
 
-def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str:
+def optimize_transformer(transformer, stack: Stack, device: torch.device, dynamic_shapes: bool = True) -> str:
     """Apply every optimization the stack switches on, in the order they compose; returns the attention
-    backend name."""
+    backend name. `dynamic_shapes`: compile one graph for every image size (`apply_compile`)."""
     backend = apply_attention(transformer, stack.attention, device)
     if stack.fuse_qkv:
         apply_fused_qkv(transformer)
@@ -361,13 +376,13 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device) -> str
     ahead_of_time = apply_ahead_of_time(transformer, stack, device)
     compile_first = not ahead_of_time and stack.compile == "regional" and stack.cache in EAGER_BLOCK_HOOK_CACHES
     if compile_first:
-        apply_compile(transformer, stack.compile, stack.cache)
+        apply_compile(transformer, stack.compile, stack.cache, dynamic_shapes)
     if stack.cache != "none":
         apply_cache(transformer, stack)
     if stack.parallel != "none":
         apply_context_parallel(transformer, stack, device)
     if stack.compile != "none" and not (compile_first or ahead_of_time):
-        apply_compile(transformer, stack.compile, stack.cache)
+        apply_compile(transformer, stack.compile, stack.cache, dynamic_shapes)
     if stack.cuda_graph:
         apply_cuda_graph(transformer)
     return backend

@@ -15,8 +15,9 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .aot_blocks import block_forward, paused
+from .compile_artifacts import load_artifact, save_artifact
 from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
-from .cuda_graph import eager_forward
+from .cuda_graph import eager_forward, seal_cuda_graphs
 from .optimize import TORCH_DTYPES, apply_vae_compile, check_supported, optimize_transformer, set_cache_steps
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
@@ -74,6 +75,7 @@ class Generation:
     cancelled: bool
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    compiled: dict[str, int] = field(default_factory=dict)  # what torch.compile compiled during it (none: empty)
 
 
 class StackPipeline:
@@ -92,6 +94,8 @@ class StackPipeline:
         self.attention_kernel = "unknown (not warmed up)"
         self.load_phases: dict[str, float] = {}
         self.compile_stats: dict[str, int] = {}  # compiled stacks: what the load compiled and the caches served
+        self.compile_artifact: dict[str, str | None] = {}  # compiled stacks: the artifact read and written at load
+        self.warm_up_sizes: list[tuple[int, int]] = []  # the sizes the load ran (compiled, graphs captured)
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
@@ -128,6 +132,7 @@ class StackPipeline:
         ends there and the result is marked cancelled, without an image. Without `decode` the latents are not
         decoded (a context-parallel rank whose image nobody reads)."""
         should_stop = _with_injected_oom(request, should_stop)
+        compiled_before = compile_counters() if self.stack.compile != "none" else None
         start = self._sync()
         embeddings = self._encode(request.prompt)
         encoded = self._sync()
@@ -157,6 +162,7 @@ class StackPipeline:
             cancelled=False,
             timings_ms={name: round(seconds * 1000, 3) for name, seconds in timings.items()},
             warnings=self.prompt_warnings(request.prompt),
+            compiled=compiled_since(compiled_before) if compiled_before is not None else {},
         )
 
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,11 +213,20 @@ class StackPipeline:
         return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
 
     @torch.inference_mode()
-    def warm_up(self, request: GenerationRequest, clock: PhaseClock) -> None:
-        """Run the request once (compiles, autotunes, allocates), then one denoising step under the profiler
-        to see which attention kernel the transformer actually runs (text encoders and VAE left out: they
-        have attention of their own)."""
+    def warm_up(self, request: GenerationRequest, clock: PhaseClock, sizes=()) -> None:
+        """Run the request once (compiles, autotunes, allocates), then, for a stack whose code depends on the image
+        size (compiled, or replaying CUDA graphs), a short generation at each other (height, width) of `sizes`:
+        compile guards settle and a graph is captured per size here, not on a request. Then one denoising step
+        under the profiler to see which attention kernel the transformer actually runs (text encoders and VAE
+        left out: they have attention of their own)."""
         self.generate(request)
+        self.warm_up_sizes = [(request.height, request.width)]
+        if self.stack.compile != "none" or self.stack.cuda_graph:
+            for height, width in sizes:
+                if (height, width) not in self.warm_up_sizes:
+                    self.generate(dataclasses.replace(request, height=height, width=width))
+                    self.warm_up_sizes.append((height, width))
+        seal_cuda_graphs(self.pipe.transformer)
         clock.lap("warm_up")
         from torch.profiler import ProfilerActivity, profile
 
@@ -243,31 +258,46 @@ def attention_kernel_from_events(names) -> str:
 
 
 def build_pipeline(
-    stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None
+    stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None,
+    warm_up_sizes=(), dynamic_shapes: bool = True,
 ) -> StackPipeline:
     """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
 
+    `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
+    `dynamic_shapes`: compiled code serves every size (`optimize.apply_compile`); off, it is specialised to the
+    sizes of the warm-up. A compiled stack first fills its compile caches from its portable artifact, when there is
+    one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).
+
     The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
-    wrapping), `warm_up` (the first request: compilation, graph capture) and `kernel_check`."""
+    wrapping), `warm_up` (the first request and the other sizes: compilation, graph capture) and `kernel_check`;
+    a compiled stack's first phase, `artifacts`, is the time to read its artifact into the caches."""
     check_supported(stack, device)
     compiled_before = compile_counters()
     clock = PhaseClock(device)
+    artifact_read = None
+    if stack.compile != "none":
+        artifact_read = load_artifact(stack, device)
+        clock.lap("artifacts")
     pipe = load_pipeline(weights, TORCH_DTYPES[stack.dtype], device)
     pipe.set_progress_bar_config(disable=True)
     clock.lap("weights")
-    backend = optimize_transformer(pipe.transformer, stack, device)
+    backend = optimize_transformer(pipe.transformer, stack, device, dynamic_shapes)
     if stack.compile != "none" and device.type == "cuda":  # measured on the GPU; on CPU a compile per load for tests
-        apply_vae_compile(pipe.vae)
+        apply_vae_compile(pipe.vae, dynamic_shapes)
     clock.lap("stack")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
     if warm_up is not None:
-        stack_pipeline.warm_up(warm_up, clock)
+        stack_pipeline.warm_up(warm_up, clock, warm_up_sizes)
     stack_pipeline.load_phases = clock.phases
     if stack.compile != "none":
-        compiled = compile_counters()
-        stack_pipeline.compile_stats = {key: compiled[key] - compiled_before[key] for key in compiled}
+        stack_pipeline.compile_stats = compiled_since(compiled_before, keep_zeros=True)
+        # Inductor's code generation is what costs minutes; with dynamic shapes AOTAutograd misses its cache for
+        # a few graphs even after an artifact (traced again, seconds) and Inductor then hits.
+        compiled_anew = stack_pipeline.compile_stats["inductor_cache_misses"] > 0
+        written = save_artifact(stack, device) if compiled_anew or artifact_read is None else None
+        stack_pipeline.compile_artifact = {"read": artifact_read and str(artifact_read), "written": written and str(written)}
     return stack_pipeline
 
 
@@ -296,6 +326,12 @@ def compile_counters() -> dict[str, int]:
 
     return {**{name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()},
             **{name: aot_blocks.counters[key] for name, key in AOT_COUNTERS.items()}}
+
+
+def compiled_since(before: dict[str, int], keep_zeros: bool = False) -> dict[str, int]:
+    """What `compile_counters` counted since `before` (only what changed, unless `keep_zeros`)."""
+    now = compile_counters()
+    return {key: now[key] - before[key] for key in now if keep_zeros or now[key] != before[key]}
 
 
 def release_memory(device: torch.device) -> None:

@@ -16,13 +16,13 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .contract import ADMIN_HEADER, ADMIN_KEY_ENV
+from .contract import ADMIN_HEADER, ADMIN_KEY_ENV, WARMUP_BUCKETS
 from .placement import parse_model_gpus
 from .repository import REPOSITORY, placed_repository
 from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
-from .serving import WARMUP_SIZE_ENV
+from .serving import WARMUP_SIZES_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Endpoints that change or expose the server's state: only with the admin header when a key is set.
@@ -205,7 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--warmup-size", type=int, help=f"square size of the warm-up generation (default: the models' default size; sets {WARMUP_SIZE_ENV})")
+    parser.add_argument("--warmup-sizes", metavar="HxW,...",
+                         help="sizes each load runs once, the first in full, the others on compiled or graphed stacks "
+                              "only (no request at them compiles or captures a graph; default: the models' default "
+                              f"size, then {','.join(f'{h}x{w}' for h, w in WARMUP_BUCKETS)}; sets {WARMUP_SIZES_ENV}; "
+                              "a model's warmup_sizes parameter wins)")
+    parser.add_argument("--warmup-size", type=int, metavar="N", help="warm up at NxN alone (--warmup-sizes NxN; "
+                                                                         "--warmup-sizes wins when both are given)")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument("--gpus", action="append", default=[], metavar="MODEL=GPUS",
                         help="place MODEL's instances (repeatable): instances separated by commas, each a GPU id, a "
@@ -221,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     install = find_triton()
     models = [model for model in args.models.split(",") if model]
     env = server_environment(install, resolve_weights(args.weights))
-    if args.warmup_size:
-        env[WARMUP_SIZE_ENV] = str(args.warmup_size)
+    if args.warmup_size or args.warmup_sizes:
+        env[WARMUP_SIZES_ENV] = args.warmup_sizes or f"{args.warmup_size}x{args.warmup_size}"
     command = server_command(install, models, repository, args.address, args.http_port, args.grpc_port,
                              args.metrics_port, admin_key, args.exit_timeout, args.tritonserver_args)
     shown = [part.replace(admin_key, "***") if admin_key else part for part in command]

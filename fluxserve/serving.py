@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from .contract import GenerationRequest, Limits, check_token_split, parse_request
+from .contract import WARMUP_BUCKETS, GenerationRequest, Limits, parse_request, parse_sizes
 from .parallel import WorkerGroup
 from .parallel.group import Timeouts
 from .pipeline import build_pipeline, release_memory
@@ -22,7 +22,7 @@ from .weights import ENV_VAR, default_source, parse_source
 
 log = logging.getLogger(__name__)
 
-WARMUP_SIZE_ENV = "FLUXSERVE_WARMUP_SIZE"
+WARMUP_SIZES_ENV = "FLUXSERVE_WARMUP_SIZES"
 WARMUP_STEPS = 2
 
 
@@ -55,6 +55,18 @@ def warm_up_request(guidance: float, height: int, width: int) -> GenerationReque
                              width=width)
 
 
+def warm_up_sizes(parameters: dict[str, str], limits: Limits, gpus: int) -> list[tuple[int, int]]:
+    """The sizes a load runs, the first in full: the model's `warmup_sizes` parameter, else FLUXSERVE_WARMUP_SIZES
+    (the launcher's --warmup-sizes), else its default size and the usual buckets. Only compiled or graphed stacks
+    run more than the first (`StackPipeline.warm_up`)."""
+    text = parameters.get("warmup_sizes") or os.environ.get(WARMUP_SIZES_ENV, "")
+    if not text:
+        return [(limits.default_size, limits.default_size),
+                *(size for size in WARMUP_BUCKETS if size != (limits.default_size, limits.default_size))]
+    where = "parameter warmup_sizes" if parameters.get("warmup_sizes") else WARMUP_SIZES_ENV
+    return parse_sizes(text, limits, gpus, field=where)
+
+
 class RequestCancelled(RuntimeError):
     """The client cancelled (or timed out) while the request was generating."""
 
@@ -82,12 +94,11 @@ class StackService:
             notify(f"*** {model_name}: serving RANDOM weights ({self.weights}): {why}. Images are noise. ***")
         if len(devices) != self.stack.gpus:
             raise PlacementError(f"stack {self.stack.name} runs on {self.stack.gpus} device(s), given {len(devices)}")
-        size = int(os.environ.get(WARMUP_SIZE_ENV, self.limits.default_size))
-        check_token_split(size, size, self.stack.gpus)
-        warm_up = warm_up_request(self.limits.default_guidance, size, size)
+        sizes = warm_up_sizes(parameters, self.limits, self.stack.gpus)
+        warm_up = warm_up_request(self.limits.default_guidance, *sizes[0])
         started = time.perf_counter()
         if self.stack.gpus == 1:
-            self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up)
+            self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up, sizes[1:])
         else:
             self.pipeline = WorkerGroup(self.stack, parameters, str(self.weights), devices, warm_up, notify,
                                         Timeouts.from_parameters(parameters))
@@ -135,6 +146,9 @@ class StackService:
             "load_seconds": round(self.load_seconds, 3),
             "load_phases_s": self.pipeline.load_phases,
             "compile_stats": self.pipeline.compile_stats,
+            "compile_artifact": getattr(self.pipeline, "compile_artifact", {}),
+            "warm_up_sizes": [f"{height}x{width}" for height, width in getattr(self.pipeline, "warm_up_sizes", [])],
+            "compiled_in_request": generation.compiled,
             "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,
             "warnings": generation.warnings,

@@ -2,13 +2,16 @@
 
 1. Steady P50s: for each model and each size of the mix, one request at a time: one warm-up (the first request
    of a size may compile or capture a CUDA graph), then `--requests` timed ones; their P50 is that model and
-   size's service time, written to OUT/steady_p50.csv.
+   size's service time, written to OUT/steady_p50.csv. The warm-up is the first request at that size since the
+   server became ready (when nothing else sent one): its time over the steady P50 is in OUT/first_requests.csv,
+   with what it compiled (INFO.compiled_in_request).
 2. Capacity: a model's mean service time over the size mix (weighted), and its capacity, 1 / that. The models
    share the server's device(s) and each arrival picks one at random, so the run's capacity is 1 / the mean over
    the models of their mean service times; the offered rate is `--fraction` of it (or `--rate`).
 3. Open loop: perf/locustfile.py with Poisson arrivals at that rate for `--duration`, judged against the steady
    P50s (over twice a size's steady P50), into OUT/locust_* (PREFIX_mixed.csv, PREFIX_exact.csv, ...).
 
+With `--duration 0` it stops after step 2 (a freshly started server's first requests and capacity alone).
 OUT/report.md has the three steps' tables; OUT/capacity.json the capacity numbers; OUT/environment.json the
 command line, date and versions; OUT/locust.log Locust's output.
 
@@ -43,20 +46,35 @@ LOCUST_PREFIX = "locust"
 _TIMESPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
 
 
+@dataclass(frozen=True)
+class FirstRequest:
+    """A model's first request at a size, against that size's steady P50."""
+
+    seconds: float
+    steady_p50_s: float
+    compiled: dict  # what torch.compile compiled during it (INFO.compiled_in_request; empty: nothing)
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.steady_p50_s
+
+
 def measure_steady_p50(client: FluxClient, models: list[str], mix: SizeMix, requests: int, steps: int,
-                       guidance: float, prompts: list[str]) -> dict[tuple[str, str], float]:
-    """(model, size label) -> P50 seconds of `requests` sequential requests after one warm-up, each size in turn."""
+                       guidance: float, prompts: list[str]):
+    """(model, size label) -> P50 seconds of `requests` sequential requests after one warm-up, each size in turn;
+    and (model, size label) -> that warm-up, the first request at the size, as a FirstRequest."""
     prompt = itertools.cycle(prompts)
-    p50s = {}
+    p50s, firsts = {}, {}
     for model, size in itertools.product(models, mix.sizes):
-        latencies = []
-        for _ in range(1 + requests):
-            request = GenerateRequest(next(prompt), steps=steps, guidance=guidance, height=size.height,
-                                      width=size.width)
-            latencies.append(client.generate(model, request).latency_s)
-        p50s[model, size.label] = float(np.median(latencies[1:]))
-        print(f"steady P50 {model} {size.label}: {p50s[model, size.label]:.3f} s", file=sys.stderr, flush=True)
-    return p50s
+        results = [client.generate(model, GenerateRequest(next(prompt), steps=steps, guidance=guidance,
+                                                          height=size.height, width=size.width))
+                   for _ in range(1 + requests)]
+        p50s[model, size.label] = float(np.median([result.latency_s for result in results[1:]]))
+        firsts[model, size.label] = FirstRequest(results[0].latency_s, p50s[model, size.label],
+                                                 results[0].info.get("compiled_in_request", {}))
+        print(f"{model} {size.label}: first {results[0].latency_s:.3f} s, steady P50 {p50s[model, size.label]:.3f} s",
+              file=sys.stderr, flush=True)
+    return p50s, firsts
 
 
 @dataclass(frozen=True)
@@ -103,26 +121,45 @@ def steady_table(p50s: dict[tuple[str, str], float], models: list[str], mix: Siz
                                    for model in models])
 
 
+def first_request_table(firsts: dict[tuple[str, str], FirstRequest]) -> str:
+    rows = [[model, size, f"{first.seconds:.3f}", f"{first.steady_p50_s:.3f}", f"{first.ratio:.2f}",
+             json.dumps(first.compiled) if first.compiled else "nothing"]
+            for (model, size), first in firsts.items()]
+    return markdown_table(["Model", "Size", "First request (s)", "Steady P50 (s)", "First / steady", "Compiled"], rows)
+
+
+def write_first_requests(path: Path, firsts: dict[tuple[str, str], FirstRequest]) -> None:
+    with path.open("w") as file:
+        file.write("model,size,first_s,steady_p50_s,ratio,compiled\n")
+        for (model, size), first in firsts.items():
+            compiled = json.dumps(first.compiled).replace('"', "'")
+            file.write(f'{model},{size},{first.seconds:.6f},{first.steady_p50_s:.6f},{first.ratio:.4f},"{compiled}"\n')
+
+
 def capacity_table(result: Capacity) -> str:
     rows = [[model, f"{result.mean_service_s[model]:.3f}", f"{result.per_model[model]:.3f}"]
             for model in result.mean_service_s]
     return markdown_table(["Model", "Mean service time (s)", "Capacity alone (req/s)"], rows)
 
 
-def report(args: argparse.Namespace, mix: SizeMix, p50s, result: Capacity, locust_exit: int) -> str:
-    """report.md: the steady P50s, the capacity and Locust's mixed table."""
+def report(args: argparse.Namespace, mix: SizeMix, p50s, firsts, result: Capacity, locust_exit: int | None) -> str:
+    """report.md: the steady P50s, the first requests, the capacity and Locust's mixed table (when it ran)."""
     mixed = args.output / f"{LOCUST_PREFIX}_mixed.md"
+    open_loop = ["No open loop (--duration 0).\n"] if locust_exit is None else [
+        f"## Open loop (Locust exit code {locust_exit})\n",
+        mixed.read_text() if mixed.exists() else f"No report from Locust: see {args.output / 'locust.log'}.\n"]
     return "\n".join([
         f"# Mixed traffic: {', '.join(args.models)}\n",
         f"{args.steps} steps, guidance {args.guidance}, {args.protocol}, {args.duration} s open loop.\n",
         f"## Steady P50 (s): one request at a time, {args.requests} after a warm-up\n",
         steady_table(p50s, args.models, mix),
+        "## First request at each size (the warm-up above), against its steady P50\n",
+        first_request_table(firsts),
         "## Capacity\n",
         capacity_table(result),
         f"Together (the models share the device, arrivals split evenly): {result.combined:.3f} req/s; offered "
         f"{result.rate:.3f} req/s" + (f" ({result.fraction:g} of it).\n" if args.rate is None else " (--rate).\n"),
-        f"## Open loop (Locust exit code {locust_exit})\n",
-        mixed.read_text() if mixed.exists() else f"No report from Locust: see {args.output / 'locust.log'}.\n",
+        *open_loop,
     ])
 
 
@@ -159,7 +196,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="folder for every file of the run")
     parser.add_argument("--fraction", type=above_zero, default=0.8, help="of the capacity to offer (default 0.8)")
     parser.add_argument("--rate", type=above_zero, help="offer this many requests per second instead")
-    parser.add_argument("--duration", type=duration_s, default=300, help="of the open-loop run (default 5m)")
+    parser.add_argument("--duration", type=duration_s, default=300,
+                        help="of the open-loop run (default 5m; 0: none, steady P50s and first requests alone)")
     parser.add_argument("--requests", type=positive, default=3,
                         help="timed sequential requests per model and size, after one warm-up (default 3)")
     parser.add_argument("--max-requests", type=int, default=0, help="also stop the open loop after this many")
@@ -178,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args.url = client.url
     try:
         record_environment(args, argv, client)
-        p50s = measure_steady_p50(client, args.models, mix, args.requests, args.steps, args.guidance,
-                                  load_prompts(args.prompts_file))
+        p50s, firsts = measure_steady_p50(client, args.models, mix, args.requests, args.steps, args.guidance,
+                                          load_prompts(args.prompts_file))
     except InferenceServerException as exc:
         print(f"steady P50s: {exc}", file=sys.stderr)
         return 1
@@ -187,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     steady_file = args.output / "steady_p50.csv"
     write_steady_p50(steady_file, p50s)
+    write_first_requests(args.output / "first_requests.csv", firsts)
     result = capacity(p50s, args.models, mix, args.fraction, args.rate)
     (args.output / "capacity.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    with open(args.output / "locust.log", "w") as log:
-        locust = subprocess.run(locust_command(args, result.rate, steady_file), cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
-    (args.output / "report.md").write_text(report(args, mix, p50s, result, locust.returncode))
+    locust_exit = None
+    if args.duration:
+        with open(args.output / "locust.log", "w") as log:
+            locust_exit = subprocess.run(locust_command(args, result.rate, steady_file), cwd=ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT).returncode
+    (args.output / "report.md").write_text(report(args, mix, p50s, firsts, result, locust_exit))
     print(f"mixed traffic: results in {args.output} (report.md)", flush=True)
-    return locust.returncode
+    return locust_exit or 0
 
 
 if __name__ == "__main__":

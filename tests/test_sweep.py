@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, WARMUP_SIZE, start_server
-from fluxserve.serving import WARMUP_SIZE_ENV
+from fluxserve.serving import WARMUP_SIZES_ENV
 
 MODELS = ["fp16", "bf16", "bf16-fbcache-0.3", "bf16-cp2"]  # the baseline (bf16) is measured first all the same
 EXPECTED_ORDER = ["bf16", "bf16 (direct)", "fp16", "bf16-fbcache-0.3", "bf16-cp2"]  # direct right after served
@@ -40,7 +40,7 @@ def sweep(server, output, models: list[str], *extra: str) -> subprocess.Complete
     ]
     # --direct builds the stack in the sweep's process as the server's model does: the same weights and the same
     # warm-up size (start_server's --warmup-size; at the default 1024x1024 the warm-up alone took 90 s on 2 cores).
-    env = {**os.environ, "FLUXSERVE_WEIGHTS": "synthetic:tiny", WARMUP_SIZE_ENV: WARMUP_SIZE}
+    env = {**os.environ, "FLUXSERVE_WEIGHTS": "synthetic:tiny", WARMUP_SIZES_ENV: f"{WARMUP_SIZE}x{WARMUP_SIZE}"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
 
 

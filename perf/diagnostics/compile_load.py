@@ -2,14 +2,18 @@
 
 Run it twice with the same TORCHINDUCTOR_CACHE_DIR and FLUXSERVE_AOT_PACKAGES (cold caches, then warm) to see what a second load redoes
 (perf/diagnostics/compile_loads.sh does both). Prints one JSON line: the load's phases, what torch.compile compiled
-and what its caches served, and a few requests' latency.
+and what its caches served, and a few requests' latency; with --sizes, then the first request at each of those sizes
+(its latency and what it compiled). Run once with --static-shapes and once without to compare code specialised to
+the warm-up size with code that serves every size (`optimize.apply_compile`), at the timed size and at new ones.
 
     python3 -m perf.diagnostics.compile_load --stack bf16-cudnn-fp8-fusedqkv-compile-regional
+    python3 -m perf.diagnostics.compile_load --stack STACK --static-shapes --sizes 512x512,768x1344
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +21,7 @@ import time
 import torch
 
 from fluxserve.aot_blocks import PACKAGES_ENV
+from fluxserve.contract import Limits, parse_sizes
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
@@ -28,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", required=True, choices=sorted(catalog_by_name()), metavar="STACK")
     add_request_arguments(parser, requests=3)
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="compile for the warm-up size alone, as the stacks did before dynamic shapes")
+    parser.add_argument("--sizes", type=lambda text: parse_sizes(text, Limits(), field="--sizes"), default=[],
+                        metavar="HxW,...", help="after the timed requests, one request at each of these sizes")
     return parser.parse_args(argv)
 
 
@@ -37,17 +46,25 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     request = request_from(args)
     started = time.perf_counter()
-    pipeline = build_pipeline(stack, parse_source(args.weights), device, warm_up=request)
+    pipeline = build_pipeline(stack, parse_source(args.weights), device, warm_up=request,
+                              dynamic_shapes=not args.static_shapes)
     load_s = time.perf_counter() - started
     latencies = []
     for _ in range(args.requests):
         started = time.perf_counter()
         generation = pipeline.generate(request)
         latencies.append(round(time.perf_counter() - started, 3))
+    first_at_size = {}
+    for height, width in args.sizes:
+        started = time.perf_counter()
+        at_size = pipeline.generate(dataclasses.replace(request, height=height, width=width))
+        first_at_size[f"{height}x{width}"] = {"latency_s": round(time.perf_counter() - started, 3),
+                                              "compiled": at_size.compiled}
     print(json.dumps({
         "stack": stack.name,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"),
         "aot_packages": os.environ.get(PACKAGES_ENV, "(default)"), "load_s": round(load_s, 3),
+        "shapes": "static" if args.static_shapes else "dynamic", "first_request_at_size": first_at_size,
         "load_phases_s": pipeline.load_phases, "compile_stats": pipeline.compile_stats,
         "latencies_s": latencies, "steps_computed": generation.steps_computed if latencies else None,
         "peak_memory_gib": pipeline.peak_memory_gib(),
