@@ -25,7 +25,7 @@ echo "mixed traffic: $models into $out"
 
 python3 -m fluxserve.serve --models "$models" --http-port "$port" --grpc-port $((port + 1)) \
     --metrics-port $((port + 2)) ${SERVE_ARGS:-} > "$out/server.log" 2>&1 &
-server=$!
+server=$! started=$SECONDS
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server"' EXIT
 deadline=$((SECONDS + ${LOAD_DEADLINE_S:-1800}))
 for model in ${models//,/ }; do
@@ -37,6 +37,8 @@ for model in ${models//,/ }; do
         sleep 2
     done
 done
+
+echo "$((SECONDS - started)) s from the launcher's start until every model was ready" | tee "$out/ready.txt"
 
 python3 -m perf.mixed_traffic @"$plan" --url "127.0.0.1:$port" --output "$out" "$@"
 status=$?
