@@ -80,13 +80,15 @@ class StackService:
 
     def __init__(
         self, model_name: str, parameters: dict[str, str], devices: list[torch.device], notify=log.warning,
-        observe=None,
+        observe=None, trace=None,
     ):
         """`devices`: one per GPU the stack uses (`instance_devices`). `notify(message)` reports to the server
-        log; `observe(request, generation)` sees every generation (metrics)."""
+        log; `observe(request, generation)` sees every generation (metrics); `trace(message)`, when given, hears of
+        each request as it starts generating (the server log's info level: which request the instance is busy with)."""
         self.model_name = model_name
         self.notify = notify
         self.observe = observe
+        self.trace = trace
         self.stack = Stack.from_parameters(parameters)
         self.limits = Limits.from_parameters(parameters)
         self.weights, why = weights_from(parameters)
@@ -112,11 +114,15 @@ class StackService:
             f"attention {self.pipeline.attention_backend} -> {self.pipeline.attention_kernel}"
         )
 
-    def infer(self, inputs: dict, wanted: set[str], should_stop=None) -> dict[str, np.ndarray]:
-        """Validated inputs -> the requested outputs (raises InvalidInput for bad input)."""
+    def infer(self, inputs: dict, wanted: set[str], should_stop=None, request_id: str = "") -> dict[str, np.ndarray]:
+        """Validated inputs -> the requested outputs (raises InvalidInput for bad input). `request_id`: the
+        client's id of the request, if any, for the log."""
         started = time.perf_counter()
         request = parse_request(inputs, self.limits, self.stack.gpus)
-        generation = self._generate(request, should_stop)
+        if self.trace is not None:
+            self.trace(f"{self.model_name}: request {request_id or '(no id)'} started: {request.height}x{request.width}, "
+                       f"{request.steps} steps, seed {request.seed}")
+        generation = self._generate(request, should_stop, request_id)
         outputs = {"STEPS_COMPUTED": np.array([generation.steps_computed], dtype=np.int32)}
         if "IMAGE" in wanted:
             outputs["IMAGE"] = generation.image
@@ -161,7 +167,7 @@ class StackService:
         if isinstance(self.pipeline, WorkerGroup):
             self.pipeline.close()
 
-    def _generate(self, request: GenerationRequest, should_stop):
+    def _generate(self, request: GenerationRequest, should_stop, request_id: str = ""):
         """Generate, turning cancellation and out-of-memory into errors for this request alone."""
         try:
             generation = self.pipeline.generate(request, should_stop)
@@ -177,7 +183,7 @@ class StackService:
         if generation.cancelled:
             self.notify(
                 f"{self.model_name}: request cancelled by the client after {generation.steps_computed} of "
-                f"{request.steps} steps computed"
+                f"{request.steps} steps computed{f' (request {request_id})' if request_id else ''}"
             )
             raise RequestCancelled(f"cancelled by the client after {generation.steps_computed} of {request.steps} steps")
         return generation

@@ -58,7 +58,8 @@ class TritonPythonModel:
         devices = instance_devices(args["model_instance_kind"], int(args["model_instance_device_id"]), parameters)
         self.metrics = StepMetrics(args["model_name"])
         self.service = StackService(
-            args["model_name"], parameters, devices, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe
+            args["model_name"], parameters, devices, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe,
+            trace=pb_utils.Logger.log_info,
         )
 
     def finalize(self) -> None:
@@ -75,7 +76,8 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
-            outputs = self.service.infer(inputs, set(request.requested_output_names()), request.is_cancelled)
+            outputs = self.service.infer(inputs, set(request.requested_output_names()), request.is_cancelled,
+                                         request.request_id())
         except REQUEST_ERRORS as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), error_code(exc)))
         except Exception as exc:  # the request fails; the model keeps serving

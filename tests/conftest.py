@@ -27,7 +27,10 @@ FBCACHE_ALWAYS_SKIPS = Stack(cache="fbcache", cache_threshold=1e6)
 TEACACHE_NEVER_SKIPS = Stack(cache="teacache", cache_threshold=0.0)
 TEACACHE_ALWAYS_SKIPS = Stack(cache="teacache", cache_threshold=1e6)
 TEST_STACKS = (FBCACHE_NEVER_SKIPS, FBCACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS, TEACACHE_ALWAYS_SKIPS)
-SERVER_START_TIMEOUT_S = 180
+# A bound on a server that never gets ready, not on a slow one: a session server loads eight stacks (about a
+# minute on 2 CPU cores), and one that fails exits at once (start_server sees it). Under pytest.ini's 300 s per
+# test, so that a server that never gets ready fails with its log rather than pytest-timeout's stack dump.
+SERVER_START_TIMEOUT_S = 240
 WARMUP_SIZE = "64"  # the servers' warm-up generation, square (the default, 1024, takes a minute and a half on 2 cores)
 COMPILED_STACK = "bf16-fusedqkv-compile-regional"  # compiles at load, inside the backend's stub
 QUEUE_OF_FOUR = "bf16-queue4"  # the bf16 stack behind a queue of 4, for the overload test
@@ -74,9 +77,19 @@ class Server:
         return self.process.returncode
 
 
+class ServerExited(RuntimeError):
+    """The launcher (or the tritonserver it became) exited before the server was ready."""
+
+    def __init__(self, returncode: int, log: str) -> None:
+        super().__init__(f"tritonserver exited with {returncode}:\n{log[-5000:]}")
+        self.returncode = returncode
+        self.log = log
+
+
 def start_server(tmp: Path, models: list[str], repository: Path | None = None, extra_args=(), env_extra=None,
                  cwd: Path = ROOT) -> Server:
-    """Start the launcher (`python -m fluxserve.serve`) on free ports and wait until it is ready."""
+    """Start the launcher (`python -m fluxserve.serve`) on free ports and wait until it is ready. Raises
+    ServerExited when it exits first, RuntimeError when it is still unready after SERVER_START_TIMEOUT_S."""
     import tritonclient.http as httpclient
 
     ports = [free_port() for _ in range(3)]
@@ -98,7 +111,7 @@ def start_server(tmp: Path, models: list[str], repository: Path | None = None, e
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with {process.returncode}:\n{server.log()[-5000:]}")
+            raise ServerExited(process.returncode, server.log())
         try:
             if client.is_server_ready():
                 client.close()

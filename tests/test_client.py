@@ -16,7 +16,9 @@ from client import ADMIN_KEY_ENV, DEFAULT_OUTPUTS, FluxClient, GenerateRequest
 from conftest import ROOT, start_server
 from fluxserve.contract import INPUTS, OUTPUTS
 
-CLI_TIMEOUT_S = 120
+# A bound on a CLI that hangs, not on a slow one: the longest run, --load, loads a stack (about 10 s on 2 CPU
+# cores, half a minute while other tests load theirs beside it).
+CLI_TIMEOUT_S = 240
 SMALL = ["--steps", "2", "--height", "64", "--width", "80"]
 ADMIN_KEY = "test-admin-key"
 
@@ -130,7 +132,10 @@ def test_cli_load_failure_shows_the_reason(server):
 
 
 def settled_statistics(client: FluxClient, model: str):
-    """Triton counts a request just after responding: wait until earlier tests' requests are all counted."""
+    """Triton counts a request just after responding: wait until earlier tests' requests are all counted. Nothing
+    marks the last count (the statistics have no in-flight figure), so this waits for two reads half a second apart
+    to agree: the gap it covers is the server thread's, from sending a response to counting it (microseconds), and
+    the earlier tests' clients have exited by then; half a second stays far above it on a machine 3x slower."""
     previous, current = None, client.statistics(model)
     while current != previous:
         time.sleep(0.5)
