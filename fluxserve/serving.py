@@ -180,6 +180,9 @@ class StackService:
             ) from None
         if self.observe is not None:
             self.observe(request, generation)
+        if generation.compiled.get("frames") or generation.compiled.get("graphs"):
+            self.notify(f"{self.model_name}: a request at {request.height}x{request.width} compiled "
+                        f"({generation.compiled}): list its size in the model's warmup_sizes parameter")
         if generation.cancelled:
             self.notify(
                 f"{self.model_name}: request cancelled by the client after {generation.steps_computed} of "
