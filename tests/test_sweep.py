@@ -98,11 +98,31 @@ def test_throughput_is_the_measured_requests_over_their_wall_time(first_run):
         assert float(row["p99_s"]) <= wall_s <= REQUESTS * float(row["average_s"]) + 0.5, row["name"]
 
 
-def test_a_multi_gpu_stack_is_compared_with_the_same_stack_on_one_gpu(first_run):
+@pytest.fixture(scope="module")
+def unit_scale_run(tmp_path_factory, unit_scale_weights):
+    """bf16 and bf16-cp2 swept on a server of the unit-scale weights (conftest.unit_scale_weights): on synthetic:tiny
+    the blocks' contributions are below bf16's resolution, and the split image matched bf16's even with the
+    all-to-all disabled."""
+    server = start_server(tmp_path_factory.mktemp("unit-scale-server"), [],
+                          env_extra={"FLUXSERVE_WEIGHTS": str(unit_scale_weights)})
+    try:
+        output = tmp_path_factory.mktemp("unit-scale-results")
+        done = sweep(server, output, ["bf16", "bf16-cp2"], "--steps", "8", "--height", "128", "--width", "128")
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return output
+
+
+def test_a_multi_gpu_stack_is_compared_with_the_same_stack_on_one_gpu(first_run, unit_scale_run):
     output, _ = first_run
     psnr = {row["name"]: row["psnr_one_gpu_db"] for row in csv_rows(output)}
-    assert float(psnr.pop("bf16-cp2")) >= 40  # against bf16's image: the same stack in one process
-    assert set(psnr.values()) == {""}
+    assert psnr.pop("bf16-cp2") != "" and set(psnr.values()) == {""}  # a multi-GPU stack's column alone
+    # Against bf16's image, the same stack in one process, on weights where every block shows: correct code
+    # 53.1 dB; ranks attending only to their own tokens 44.1; rotary embeddings of the other rank's tokens 41.6; the
+    # all-to-all replaced by the identity 28.5; the heads' groups swapped on the way back 24.4.
+    one_gpu = {row["name"]: row["psnr_one_gpu_db"] for row in csv_rows(unit_scale_run)}
+    assert one_gpu["bf16"] == "" and float(one_gpu["bf16-cp2"]) >= 50, one_gpu
 
 
 def test_psnr_is_against_the_baseline_image(first_run):

@@ -2,9 +2,10 @@
 
 `WorkerGroup` stands where a one-GPU instance has its `StackPipeline` (same `generate` and telemetry), so the
 request contract, validation, cancellation, metrics and INFO are the serving layer's, unchanged. Requests are
-validated before they reach the workers. A worker that dies, or a group that makes no progress for `timeout_s`,
-fails the request in flight with `WorkerFault` (the model answers UNAVAILABLE); the group is then stopped and
-started again in the background, and requests meanwhile fail fast with the same error.
+validated before they reach the workers. A worker that dies, a rank that fails alone (its peers then wait for it in
+a collective that never completes), or a group that makes no progress for `timeout_s`, fails the request in flight
+with `WorkerFault` (the model answers UNAVAILABLE); the group is then stopped and started again in the background,
+and requests meanwhile fail fast with the same error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from .messages import Build, Cancel, Done, Exit, Failed, Generate, Ready, Step
 
 POLL_S = 0.1  # how often the instance checks liveness and cancellation while it waits
 EXIT_WAIT_S = 10.0  # a worker told to exit gets this long before it is killed
+# Ranks failing together (the same error at the same check, e.g. out of memory on every GPU) report within
+# milliseconds of each other and the group stays in step. A rank that failed alone leaves the others waiting for it
+# in a collective: after this long without their answers the group is out of step and restarts.
+OUT_OF_STEP_S = 5.0
 
 
 class WorkerFault(RuntimeError):
@@ -94,6 +99,14 @@ def stop(workers: list[Worker], wait_s: float = EXIT_WAIT_S) -> None:
             worker.process.kill()
             worker.process.wait()
         worker.connection.close()
+
+
+def out_of_step(workers: list[Worker], finished: dict) -> str:
+    """Why the group must restart when some ranks failed and the others still wait for them in a collective."""
+    failed = "; ".join(f"{worker} failed: {finished[worker.rank].message}" for worker in workers
+                       if isinstance(finished.get(worker.rank), Failed))
+    waiting = ", ".join(str(worker) for worker in workers if worker.rank not in finished)
+    return f"{failed}; {waiting} still waited in a collective {OUT_OF_STEP_S:.0f} s later"
 
 
 class WorkerGroup:
@@ -220,6 +233,7 @@ class WorkerGroup:
         finished: dict[int, Done | Failed] = {}
         cancel_sent = False
         last_progress = time.monotonic()
+        first_failure: float | None = None
         while len(finished) < len(workers):
             for worker, message in self._receive(workers, finished):
                 if isinstance(message, Step) and message.request_id == request_id:
@@ -227,6 +241,8 @@ class WorkerGroup:
                 elif isinstance(message, (Done, Failed)) and message.request_id == request_id:
                     finished[worker.rank] = message
                     last_progress = time.monotonic()
+                    if isinstance(message, Failed) and first_failure is None:
+                        first_failure = last_progress
             if not cancel_sent and should_stop is not None and should_stop():
                 self._send(workers[0], Cancel(request_id))
                 cancel_sent = True
@@ -234,6 +250,8 @@ class WorkerGroup:
                 status = worker.exit_status()
                 if status is not None:
                     self._fault(f"{worker} {status} during the request")
+            if first_failure is not None and time.monotonic() - first_failure > OUT_OF_STEP_S:
+                self._fault(out_of_step(workers, finished))
             if time.monotonic() - last_progress > self.timeouts.progress_s:
                 hung = ", ".join(str(worker) for worker in workers if worker.rank not in finished)
                 self._fault(f"no progress for {self.timeouts.progress_s:.0f} s (parameter "

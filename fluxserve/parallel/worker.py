@@ -3,6 +3,11 @@
 Started by `group.WorkerGroup` as `python -m fluxserve.parallel.worker FD`, FD being its end of a private socket
 pair. It exits when the instance says so, when the socket closes, or when the instance's process is gone, so that an
 instance Triton killed leaves no worker holding GPU memory.
+
+Fault injection for tests and drills: a request whose prompt equals `FLUXSERVE_INJECT_ONE_RANK_OOM_PROMPT` runs out of
+memory on the last rank alone, inside the transformer of its second step, while the other ranks wait for it in an
+attention's all-to-all: the real case of one GPU out of memory mid-step (`FLUXSERVE_INJECT_OOM_PROMPT` fails every
+rank at the same check, in lockstep).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from multiprocessing.connection import Connection
 
@@ -24,6 +30,8 @@ from ..weights import parse_source
 from .messages import Build, Cancel, Done, Exit, Failed, Generate, Ready, Step
 
 PARENT_POLL_S = 1.0
+INJECT_ONE_RANK_OOM_ENV = "FLUXSERVE_INJECT_ONE_RANK_OOM_PROMPT"
+INJECTED_OOM_STEP = 2  # mid-request: the ranks have exchanged tokens in earlier steps
 
 
 def exit_with_parent() -> None:
@@ -98,11 +106,36 @@ class StepAgreement:
         return False  # a Cancel of an earlier request arrived after it ended: nothing to stop
 
 
+@contextmanager
+def injected_oom(pipeline: StackPipeline, prompt: str, rank: int):
+    """For the marked prompt on the last rank, run out of memory as the first single block of step
+    INJECTED_OOM_STEP starts: the earlier blocks' collectives have passed, the other ranks go on to this block's
+    all-to-all and wait there for this one (see the module's docstring)."""
+    marker = os.environ.get(INJECT_ONE_RANK_OOM_ENV)
+    if not marker or prompt != marker or rank != dist.get_world_size() - 1:
+        yield
+        return
+    calls = 0
+
+    def fail_at_the_step(module, args) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == INJECTED_OOM_STEP:
+            raise torch.OutOfMemoryError(f"injected by {INJECT_ONE_RANK_OOM_ENV} on rank {rank}, step {calls}")
+
+    handle = pipeline.pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(fail_at_the_step)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run(connection: Connection, pipeline: StackPipeline, rank: int, message: Generate) -> bool:
     """Generate one request; only rank 0 decodes the image. Returns False when the worker should exit."""
     should_stop = StepAgreement(connection, message.request_id, rank)
     try:
-        generation = pipeline.generate(message.request, should_stop, decode=rank == 0)
+        with injected_oom(pipeline, message.request.prompt, rank):
+            generation = pipeline.generate(message.request, should_stop, decode=rank == 0)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         release_memory(pipeline.device)
         connection.send(Failed(message.request_id, rank, f"out of memory on {pipeline.device}: {exc}",
