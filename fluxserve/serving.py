@@ -103,7 +103,7 @@ class StackService:
             self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up, sizes[1:])
         else:
             self.pipeline = WorkerGroup(self.stack, parameters, str(self.weights), devices, warm_up, notify,
-                                        Timeouts.from_parameters(parameters))
+                                        Timeouts.from_parameters(parameters), sizes[1:])
         self.load_seconds = time.perf_counter() - started
         phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.pipeline.load_phases.items())
         compiled = ", ".join(f"{name} {count}" for name, count in self.pipeline.compile_stats.items())
@@ -152,8 +152,8 @@ class StackService:
             "load_seconds": round(self.load_seconds, 3),
             "load_phases_s": self.pipeline.load_phases,
             "compile_stats": self.pipeline.compile_stats,
-            "compile_artifact": getattr(self.pipeline, "compile_artifact", {}),
-            "warm_up_sizes": [f"{height}x{width}" for height, width in getattr(self.pipeline, "warm_up_sizes", [])],
+            "compile_artifact": self.pipeline.compile_artifact,
+            "warm_up_sizes": [f"{height}x{width}" for height, width in self.pipeline.warm_up_sizes],
             "compiled_in_request": generation.compiled,
             "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,

@@ -121,6 +121,7 @@ def test_two_workers_serve_an_image_close_to_the_one_process_image(parallel_serv
     split = infer(parallel_server, CP2, SEED=4, STEPS=8, HEIGHT=128, WIDTH=128)
     info = info_of(split)
     assert info["stack"] == CP2 and info["steps_computed"] == 8 and output(split, "IMAGE").shape == (128, 128, 3)
+    assert info["warm_up_sizes"] == ["64x64"]  # the workers' warm-up (the servers here warm up at 64x64 alone)
     parallel = info["parallel"]
     assert parallel["mode"] == "ulysses" and parallel["world_size"] == 2 and parallel["devices"] == ["cpu", "cpu"]
     assert "Ulysses" in info["attention_kernel"]  # diffusers' context-parallel attention ran

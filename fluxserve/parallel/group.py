@@ -113,13 +113,14 @@ class WorkerGroup:
     """N workers running one stack together; looks like a `StackPipeline` to the serving layer."""
 
     def __init__(self, stack, parameters: dict[str, str], weights: str, devices: list[torch.device],
-                 warm_up: GenerationRequest, notify, timeouts: Timeouts = Timeouts()) -> None:
+                 warm_up: GenerationRequest, notify, timeouts: Timeouts = Timeouts(), warm_up_sizes=()) -> None:
         self.stack = stack
         self.parameters = parameters
         self.weights = weights
         self.devices = devices
         self.device = devices[0]
         self.warm_up_request = warm_up
+        self.sizes_to_warm_up = tuple(warm_up_sizes)
         self.notify = notify
         self.timeouts = timeouts
         self.restarts = 0
@@ -186,7 +187,7 @@ class WorkerGroup:
                     self._spawned.append(worker)
             for worker in workers:
                 build = Build(self.parameters, self.weights, worker.rank, len(workers), str(worker.device),
-                              str(rendezvous), self.warm_up_request, self.timeouts.load_s)
+                              str(rendezvous), self.warm_up_request, self.timeouts.load_s, self.sizes_to_warm_up)
                 try:  # not `_send`: a worker lost while loading fails the load, it is no fault to restart from
                     worker.connection.send(build)
                 except OSError:
@@ -225,6 +226,8 @@ class WorkerGroup:
         self.attention_kernel = telemetry["attention_kernel"]
         self.load_phases = telemetry["load_phases"]
         self.compile_stats = telemetry["compile_stats"]
+        self.compile_artifact = telemetry["compile_artifact"]
+        self.warm_up_sizes = telemetry["warm_up_sizes"]
 
     # ------------------------------------------------------------------ a request
 

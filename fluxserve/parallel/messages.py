@@ -21,6 +21,7 @@ class Build:
     rendezvous: str  # file for torch.distributed's FileStore, fresh for every start of the group
     warm_up: GenerationRequest
     timeout_s: float
+    warm_up_sizes: tuple[tuple[int, int], ...] = ()  # other sizes a compiled or graphed stack runs at load
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def join_and_build(build: Build) -> StackPipeline:
         backend, init_method=f"file://{build.rendezvous}", rank=build.rank, world_size=build.world_size,
         timeout=timedelta(seconds=build.timeout_s), device_id=device if device.type == "cuda" else None,
     )
-    return build_pipeline(Stack.from_parameters(build.parameters), parse_source(build.weights), device, build.warm_up)
+    return build_pipeline(Stack.from_parameters(build.parameters), parse_source(build.weights), device, build.warm_up,
+                          build.warm_up_sizes)
 
 
 def telemetry(pipeline: StackPipeline) -> dict:
@@ -71,6 +72,8 @@ def telemetry(pipeline: StackPipeline) -> dict:
         "attention_kernel": pipeline.attention_kernel,
         "load_phases": pipeline.load_phases,
         "compile_stats": pipeline.compile_stats,
+        "compile_artifact": pipeline.compile_artifact,
+        "warm_up_sizes": pipeline.warm_up_sizes,
     }
 
 
