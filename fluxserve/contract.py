@@ -113,7 +113,11 @@ def _integer(inputs: dict, name: str, default: int, low: int, high: int, multipl
         return default
     if not np.issubdtype(type(value), np.integer):
         raise InvalidInput(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
+    return check_range(name, int(value), low, high, multiple)
+
+
+def check_range(name: str, value: int, low: int, high: int, multiple: int = 1) -> int:
+    """`value` of field `name` within [low, high] and a multiple of `multiple`, or an error naming both."""
     if not low <= value <= high or value % multiple:
         step = f" and a multiple of {multiple}" if multiple > 1 else ""
         raise InvalidInput(f"{name} must be in [{low}, {high}]{step}, got {value}")
@@ -161,9 +165,8 @@ def parse_sizes(text: str, limits: Limits, token_parts: int = 1, field: str = "w
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
             height, width = (int(side) for side in item.lower().split("x"))
-            inputs = {"HEIGHT": np.int64(height), "WIDTH": np.int64(width)}
-            bounds = (limits.default_size, limits.min_size, limits.max_size, SIZE_MULTIPLE)
-            check_area(_integer(inputs, "HEIGHT", *bounds), _integer(inputs, "WIDTH", *bounds), limits, token_parts)
+            bounds = (limits.min_size, limits.max_size, SIZE_MULTIPLE)
+            check_area(check_range("HEIGHT", height, *bounds), check_range("WIDTH", width, *bounds), limits, token_parts)
         except (ValueError, InvalidInput) as error:
             detail = str(error) if isinstance(error, InvalidInput) else "expected HEIGHTxWIDTH, e.g. 1024x768"
             raise ValueError(f"{field}: size {item!r}: {detail}") from None
