@@ -10,6 +10,7 @@ import types
 import torch
 
 from .activations import gelu_tanh_as_sigmoid
+from .compile_shapes import BLOCK_SIZE_DIMS, TRANSFORMER_SIZE_DIMS, VAE_DECODE_SIZE_DIMS, SizeRouted
 from .cuda_graph import apply_cuda_graph
 from .stacks import FP8_MATMULS, FP8_QUANTIZATIONS, Stack
 
@@ -276,6 +277,7 @@ def apply_sigmoid_gelu(transformer) -> None:
 # Step caches whose hook on every block runs under `@torch.compiler.disable`, the block's own forward included:
 # diffusers' MagCache (MagCacheHeadHook and MagCacheBlockHook.new_forward). See `compile_block_forwards`.
 EAGER_BLOCK_HOOK_CACHES = ("magcache",)
+COUNTED_FORWARD = "_fluxserve_counted_forward"  # a block's attribute: its compiled forward below any step cache
 
 
 def apply_compile(transformer, mode: str, cache: str = "none", dynamic: bool = True) -> None:
@@ -284,9 +286,10 @@ def apply_compile(transformer, mode: str, cache: str = "none", dynamic: bool = T
     caches' skip decisions run eagerly, each a graph break. Under a step cache of `EAGER_BLOCK_HOOK_CACHES`,
     `regional` compiles the blocks' own forwards instead, before the cache hooks them (`compile_block_forwards`).
 
-    `dynamic`: one graph for every image size (the token count symbolic), compiled at load, so that no request
-    compiles. Without it, torch.compile's default: code specialised to the first size seen, compiled again (with
-    the dimensions that changed made dynamic) for the next size, on the request path: 20-40 s on the H200.
+    `dynamic`: one graph for every image size (the dimensions that follow the size symbolic), compiled at load,
+    plus code specialised to the sizes the load lists (`compile_shapes`), so that no request compiles. Without it,
+    torch.compile's default: code specialised to the first size seen, compiled again (with the dimensions that
+    changed made dynamic) for the next size, on the request path: 20-40 s on the H200.
 
     Compiled code is guarded on module hooks too (torch skips those guards by default): regional compilation
     reuses one block's code for every block of its class, so without them the step counter's hook on the last
@@ -295,27 +298,40 @@ def apply_compile(transformer, mode: str, cache: str = "none", dynamic: bool = T
     H200 their coordinate-descent tuning took a compiled fp8 stack's load from 35 s to 278 s (and 15 s to
     120 s with warm caches) for the same latency (perf/results/h200, session 4)."""
     torch._dynamo.config.skip_nnmodule_hook_guards = False
-    if dynamic:
-        distinct_size_symbols()
+    distinct_size_symbols()
     if mode == "full":
-        transformer.compile(dynamic=dynamic or None)
+        transformer._compiled_call_impl = SizeRouted(transformer._call_impl, TRANSFORMER_SIZE_DIMS, dynamic)
     elif cache in EAGER_BLOCK_HOOK_CACHES:
         compile_block_forwards(transformer, dynamic)
     else:
-        transformer.compile_repeated_blocks(dynamic=dynamic or None)
+        compile_block_calls(transformer, dynamic, below_cache=cache == "none")
 
 
 def distinct_size_symbols() -> None:
     """Give every dynamic dimension its own symbol: by default ("duck sizing") dimensions equal at the first compile
-    share one, so a size whose token count happened to equal another dimension (a head's width, a channel count)
-    was guarded on staying equal, and the next size compiled again (seen on synthetic:tiny at 64x64: 16 image tokens,
-    16 per head)."""
+    share one, so a size whose token count happened to equal another dimension (a head's width, a channel count),
+    or a square latent's height its width, was guarded on staying equal, and the next size compiled again (seen on
+    synthetic:tiny at 64x64: 16 image tokens, 16 per head)."""
     torch.fx.experimental._config.use_duck_shape = False
+
+
+def compile_block_calls(transformer, dynamic: bool = True, below_cache: bool = False) -> None:
+    """Regional compilation as diffusers' `compile_repeated_blocks`: each repeated block's module call (hooks
+    included, so a step cache's hook inside it is compiled too), here through `SizeRouted`. `below_cache`: no step
+    cache decides above it, so the step counter may count its calls (`counted_forward`)."""
+    from .aot_blocks import repeated_blocks
+
+    for members in repeated_blocks(transformer).values():
+        for block in members:
+            block._compiled_call_impl = SizeRouted(block._call_impl, BLOCK_SIZE_DIMS, dynamic)
+            if below_cache:
+                setattr(block, COUNTED_FORWARD, block._compiled_call_impl)
 
 
 def compile_block_forwards(transformer, dynamic: bool = True) -> None:
     """Regional compilation for a step cache whose block hooks run eagerly: compile each repeated block's own
-    `forward`, which the cache, enabled afterwards, wraps and calls on a computed step.
+    `forward`, which the cache, enabled afterwards, wraps and calls on a computed step (so the step counter counts
+    its calls: `counted_forward`).
 
     `compile_repeated_blocks` compiles each block's module call, and the cache's hook sits inside it. diffusers'
     MagCache hooks are `@torch.compiler.disable`d, which covers everything they call: Dynamo graph-breaks into
@@ -329,7 +345,15 @@ def compile_block_forwards(transformer, dynamic: bool = True) -> None:
 
     for members in repeated_blocks(transformer).values():
         for block in members:
-            block.forward = torch.compile(block.forward, dynamic=dynamic or None)
+            block.forward = SizeRouted(block.forward, BLOCK_SIZE_DIMS, dynamic)
+            setattr(block, COUNTED_FORWARD, block.forward)
+
+
+def counted_forward(block: torch.nn.Module) -> SizeRouted | None:
+    """The block's compiled forward when no step cache decides inside or under it: its `pre_hooks` run once per
+    computed step, outside the compiled graph (a hook inside the block would compile that block apart, with a
+    graph break)."""
+    return getattr(block, COUNTED_FORWARD, None)
 
 
 def apply_ahead_of_time(transformer, stack: Stack, device: torch.device) -> bool:
@@ -356,7 +380,7 @@ def apply_vae_compile(vae, dynamic: bool = True) -> None:
     36 ms compiled against 85 ms eager; channels_last was slower eager (130 ms) and no faster compiled (35.5 ms), so
     it is not used (perf/results/h200, session 8: perf/diagnostics/vae_decode.py). `dynamic` as in `apply_compile`:
     compiled for one size, the first request at another size recompiled the decode for 40 s on the H200."""
-    vae.decode = torch.compile(vae.decode, dynamic=dynamic or None)
+    vae.decode = SizeRouted(vae.decode, VAE_DECODE_SIZE_DIMS, dynamic)
 
 
 def optimize_transformer(transformer, stack: Stack, device: torch.device, dynamic_shapes: bool = True) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -16,9 +17,11 @@ from diffusers.hooks import HookRegistry
 
 from .aot_blocks import block_forward, paused
 from .compile_artifacts import load_artifact, save_artifact
+from .compile_shapes import allow_specialisations, specialised_code
 from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
 from .cuda_graph import eager_forward, seal_cuda_graphs
-from .optimize import TORCH_DTYPES, apply_vae_compile, check_supported, optimize_transformer, set_cache_steps
+from .optimize import (TORCH_DTYPES, apply_vae_compile, check_supported, counted_forward, optimize_transformer,
+                       set_cache_steps)
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
 
@@ -45,15 +48,16 @@ class StepCounter:
     a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
     torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
     cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
-    graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time package
-    calls the counter from its forward, where the cache's skip decision has already been taken."""
+    graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time package,
+    or compiled code that no cache decides under (`optimize.counted_forward`), calls the counter from its forward,
+    where the cache's skip decision has already been taken: a hook inside would compile the last block apart."""
 
     def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
         last = transformer.single_transformer_blocks[-1]
-        ahead_of_time = block_forward(last)
-        if ahead_of_time is not None and not whole_forward:  # the block runs a package: no module inside runs
-            ahead_of_time.pre_hooks.append(self._increment)
+        below_cache = block_forward(last) if block_forward(last) is not None else counted_forward(last)
+        if below_cache is not None and not whole_forward:  # a package or compiled code no cache decides under
+            below_cache.pre_hooks.append(self._increment)
         else:
             (transformer if whole_forward else last.norm).register_forward_pre_hook(self._increment)
 
@@ -96,6 +100,7 @@ class StackPipeline:
         self.compile_stats: dict[str, int] = {}  # compiled stacks: what the load compiled and the caches served
         self.compile_artifact: dict[str, str | None] = {}  # compiled stacks: the artifact read and written at load
         self.warm_up_sizes: list[tuple[int, int]] = []  # the sizes the load ran (compiled, graphs captured)
+        self.specialised_sizes: list[tuple[int, int]] = []  # of those, the ones with code compiled for them alone
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
@@ -130,7 +135,12 @@ class StackPipeline:
     ) -> Generation:
         """Run one request. `should_stop` is polled after every denoising step: when it says so the loop
         ends there and the result is marked cancelled, without an image. Without `decode` the latents are not
-        decoded (a context-parallel rank whose image nobody reads)."""
+        decoded (a context-parallel rank whose image nobody reads). A size of `specialised_sizes` runs the code
+        compiled for it at load (`compile_shapes`)."""
+        with specialised_code((request.height, request.width) in self.specialised_sizes):
+            return self._generate(request, should_stop, decode)
+
+    def _generate(self, request: GenerationRequest, should_stop, decode: bool) -> Generation:
         should_stop = _with_injected_oom(request, should_stop)
         compiled_before = compile_counters() if self.stack.compile != "none" else None
         start = self._sync()
@@ -213,21 +223,36 @@ class StackPipeline:
         return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
 
     @torch.inference_mode()
-    def warm_up(self, request: GenerationRequest, clock: PhaseClock, sizes=()) -> None:
+    def warm_up(self, request: GenerationRequest, clock: PhaseClock, sizes=(), specialised=()) -> None:
         """Run the request once (compiles, autotunes, allocates), then, for a stack whose code depends on the image
         size (compiled, or replaying CUDA graphs), a short generation at each other (height, width) of `sizes`:
-        compile guards settle and a graph is captured per size here, not on a request. Then one denoising step
-        under the profiler to see which attention kernel the transformer actually runs (text encoders and VAE
-        left out: they have attention of their own)."""
-        self.generate(request)
-        self.warm_up_sizes = [(request.height, request.width)]
+        compile guards settle and a graph is captured per size here, not on a request. A compiled stack also
+        compiles code for each size of `specialised` alone, which requests at that size then run (the first
+        request ran the general graph, outside any CUDA graph, when its size is one of them). Then one denoising
+        step under the profiler to see which attention kernel the transformer actually runs (text encoders and
+        VAE left out: they have attention of their own)."""
+        first = (request.height, request.width)
+        specialised = list(dict.fromkeys(specialised)) if self.stack.compile != "none" else []
+        with eager_forward(self.pipe.transformer) if first in specialised else contextlib.nullcontext():
+            self.generate(request)
+        self.warm_up_sizes = [first]
+        clock.lap("warm_up")
         if self.stack.compile != "none" or self.stack.cuda_graph:
-            for height, width in sizes:
+            allow_specialisations(len(specialised))
+            for height, width in dict.fromkeys([*specialised, *sizes]):
+                if (height, width) in specialised:
+                    self.specialised_sizes.append((height, width))
+                elif (height, width) in self.warm_up_sizes:
+                    continue
+                started = time.perf_counter()
+                self.generate(dataclasses.replace(request, height=height, width=width))
+                log.info("warm-up at %dx%d%s: %.1f s", height, width,
+                         " (specialised)" if (height, width) in specialised else "", finished_time(self.device) - started)
                 if (height, width) not in self.warm_up_sizes:
-                    self.generate(dataclasses.replace(request, height=height, width=width))
                     self.warm_up_sizes.append((height, width))
         seal_cuda_graphs(self.pipe.transformer)
-        clock.lap("warm_up")
+        if len(self.warm_up_sizes) > 1 or self.specialised_sizes:
+            clock.lap("warm_up_sizes")
         from torch.profiler import ProfilerActivity, profile
 
         embeddings = self._encode(request.prompt)
@@ -259,17 +284,19 @@ def attention_kernel_from_events(names) -> str:
 
 def build_pipeline(
     stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None,
-    warm_up_sizes=(), dynamic_shapes: bool = True,
+    warm_up_sizes=(), dynamic_shapes: bool = True, specialised_sizes=(),
 ) -> StackPipeline:
     """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
 
     `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
     `dynamic_shapes`: compiled code serves every size (`optimize.apply_compile`); off, it is specialised to the
-    sizes of the warm-up. A compiled stack first fills its compile caches from its portable artifact, when there is
+    sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by requests
+    at those sizes (`compile_shapes`). A compiled stack first fills its compile caches from its portable artifact, when there is
     one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).
 
     The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
-    wrapping), `warm_up` (the first request and the other sizes: compilation, graph capture) and `kernel_check`;
+    wrapping), `warm_up` (the first request: compilation, graph capture), `warm_up_sizes` (the other sizes, when
+    the stack runs them) and `kernel_check`;
     a compiled stack's first phase, `artifacts`, is the time to read its artifact into the caches."""
     check_supported(stack, device)
     compiled_before = compile_counters()
@@ -289,7 +316,7 @@ def build_pipeline(
         torch.cuda.reset_peak_memory_stats(device)
     stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
     if warm_up is not None:
-        stack_pipeline.warm_up(warm_up, clock, warm_up_sizes)
+        stack_pipeline.warm_up(warm_up, clock, warm_up_sizes, specialised_sizes)
     stack_pipeline.load_phases = clock.phases
     if stack.compile != "none":
         stack_pipeline.compile_stats = compiled_since(compiled_before, keep_zeros=True)

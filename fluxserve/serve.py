@@ -22,7 +22,7 @@ from .repository import REPOSITORY, placed_repository
 from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
-from .serving import WARMUP_SIZES_ENV
+from .serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Endpoints that change or expose the server's state: only with the admin header when a key is set.
@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                               "a model's warmup_sizes parameter wins)")
     parser.add_argument("--warmup-size", type=int, metavar="N", help="warm up at NxN alone (--warmup-sizes NxN; "
                                                                          "--warmup-sizes wins when both are given)")
+    parser.add_argument("--specialised-sizes", metavar="HxW,...",
+                        help="sizes compiled stacks also compile code for alone at load, faster than their general "
+                             f"graph (default none; sets {SPECIALISED_SIZES_ENV}; a model's specialised_sizes "
+                             "parameter wins)")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument("--gpus", action="append", default=[], metavar="MODEL=GPUS",
                         help="place MODEL's instances (repeatable): instances separated by commas, each a GPU id, a "
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     env = server_environment(install, resolve_weights(args.weights))
     if args.warmup_size or args.warmup_sizes:
         env[WARMUP_SIZES_ENV] = args.warmup_sizes or f"{args.warmup_size}x{args.warmup_size}"
+    if args.specialised_sizes:
+        env[SPECIALISED_SIZES_ENV] = args.specialised_sizes
     command = server_command(install, models, repository, args.address, args.http_port, args.grpc_port,
                              args.metrics_port, admin_key, args.exit_timeout, args.tritonserver_args)
     shown = [part.replace(admin_key, "***") if admin_key else part for part in command]

@@ -23,6 +23,8 @@ from .weights import ENV_VAR, default_source, parse_source
 log = logging.getLogger(__name__)
 
 WARMUP_SIZES_ENV = "FLUXSERVE_WARMUP_SIZES"
+SPECIALISED_SIZES_ENV = "FLUXSERVE_SPECIALISED_SIZES"
+NO_SIZES = "none"
 WARMUP_STEPS = 2
 
 
@@ -59,12 +61,31 @@ def warm_up_sizes(parameters: dict[str, str], limits: Limits, gpus: int) -> list
     """The sizes a load runs, the first in full: the model's `warmup_sizes` parameter, else FLUXSERVE_WARMUP_SIZES
     (the launcher's --warmup-sizes), else its default size and the usual buckets. Only compiled or graphed stacks
     run more than the first (`StackPipeline.warm_up`)."""
-    text = parameters.get("warmup_sizes") or os.environ.get(WARMUP_SIZES_ENV, "")
-    if not text:
+    sizes = sizes_setting(parameters, "warmup_sizes", WARMUP_SIZES_ENV, limits, gpus)
+    if sizes is None:
         return [(limits.default_size, limits.default_size),
                 *(size for size in WARMUP_BUCKETS if size != (limits.default_size, limits.default_size))]
-    where = "parameter warmup_sizes" if parameters.get("warmup_sizes") else WARMUP_SIZES_ENV
-    return parse_sizes(text, limits, gpus, field=where)
+    if not sizes:
+        raise ValueError(f"warmup_sizes: {NO_SIZES!r} is not allowed: a load runs at least one size")
+    return sizes
+
+
+def specialised_sizes(parameters: dict[str, str], limits: Limits, gpus: int) -> list[tuple[int, int]]:
+    """The sizes a compiled stack also compiles code for alone at load, faster than its general graph
+    (`compile_shapes`): the model's `specialised_sizes` parameter, else FLUXSERVE_SPECIALISED_SIZES (the launcher's
+    --specialised-sizes), else none; each costs a compile at load and some memory."""
+    return sizes_setting(parameters, "specialised_sizes", SPECIALISED_SIZES_ENV, limits, gpus) or []
+
+
+def sizes_setting(parameters: dict[str, str], name: str, env: str, limits: Limits, gpus: int):
+    """A list of sizes from the model's parameter `name`, else the environment variable `env`: None when neither
+    is set, [] for 'none'; a ValueError names where a bad size came from."""
+    text = parameters.get(name) or os.environ.get(env, "")
+    if not text.strip():
+        return None
+    if text.strip().lower() == NO_SIZES:
+        return []
+    return parse_sizes(text, limits, gpus, field=f"parameter {name}" if parameters.get(name) else env)
 
 
 class RequestCancelled(RuntimeError):
@@ -97,13 +118,15 @@ class StackService:
         if len(devices) != self.stack.gpus:
             raise PlacementError(f"stack {self.stack.name} runs on {self.stack.gpus} device(s), given {len(devices)}")
         sizes = warm_up_sizes(parameters, self.limits, self.stack.gpus)
+        specialised = specialised_sizes(parameters, self.limits, self.stack.gpus)
         warm_up = warm_up_request(self.limits.default_guidance, *sizes[0])
         started = time.perf_counter()
         if self.stack.gpus == 1:
-            self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up, sizes[1:])
+            self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up, sizes[1:],
+                                           specialised_sizes=specialised)
         else:
             self.pipeline = WorkerGroup(self.stack, parameters, str(self.weights), devices, warm_up, notify,
-                                        Timeouts.from_parameters(parameters), sizes[1:])
+                                        Timeouts.from_parameters(parameters), sizes[1:], specialised)
         self.load_seconds = time.perf_counter() - started
         phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.pipeline.load_phases.items())
         compiled = ", ".join(f"{name} {count}" for name, count in self.pipeline.compile_stats.items())
@@ -154,6 +177,7 @@ class StackService:
             "compile_stats": self.pipeline.compile_stats,
             "compile_artifact": self.pipeline.compile_artifact,
             "warm_up_sizes": [f"{height}x{width}" for height, width in self.pipeline.warm_up_sizes],
+            "specialised_sizes": [f"{height}x{width}" for height, width in self.pipeline.specialised_sizes],
             "compiled_in_request": generation.compiled,
             "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,

@@ -113,7 +113,8 @@ class WorkerGroup:
     """N workers running one stack together; looks like a `StackPipeline` to the serving layer."""
 
     def __init__(self, stack, parameters: dict[str, str], weights: str, devices: list[torch.device],
-                 warm_up: GenerationRequest, notify, timeouts: Timeouts = Timeouts(), warm_up_sizes=()) -> None:
+                 warm_up: GenerationRequest, notify, timeouts: Timeouts = Timeouts(), warm_up_sizes=(),
+                 specialised_sizes=()) -> None:
         self.stack = stack
         self.parameters = parameters
         self.weights = weights
@@ -121,6 +122,7 @@ class WorkerGroup:
         self.device = devices[0]
         self.warm_up_request = warm_up
         self.sizes_to_warm_up = tuple(warm_up_sizes)
+        self.sizes_to_specialise = tuple(specialised_sizes)
         self.notify = notify
         self.timeouts = timeouts
         self.restarts = 0
@@ -187,7 +189,8 @@ class WorkerGroup:
                     self._spawned.append(worker)
             for worker in workers:
                 build = Build(self.parameters, self.weights, worker.rank, len(workers), str(worker.device),
-                              str(rendezvous), self.warm_up_request, self.timeouts.load_s, self.sizes_to_warm_up)
+                              str(rendezvous), self.warm_up_request, self.timeouts.load_s, self.sizes_to_warm_up,
+                              self.sizes_to_specialise)
                 try:  # not `_send`: a worker lost while loading fails the load, it is no fault to restart from
                     worker.connection.send(build)
                 except OSError:
@@ -228,6 +231,7 @@ class WorkerGroup:
         self.compile_stats = telemetry["compile_stats"]
         self.compile_artifact = telemetry["compile_artifact"]
         self.warm_up_sizes = telemetry["warm_up_sizes"]
+        self.specialised_sizes = telemetry["specialised_sizes"]
 
     # ------------------------------------------------------------------ a request
 

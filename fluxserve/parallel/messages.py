@@ -22,6 +22,7 @@ class Build:
     warm_up: GenerationRequest
     timeout_s: float
     warm_up_sizes: tuple[tuple[int, int], ...] = ()  # other sizes a compiled or graphed stack runs at load
+    specialised_sizes: tuple[tuple[int, int], ...] = ()  # sizes a compiled stack compiles code for alone
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def join_and_build(build: Build) -> StackPipeline:
         timeout=timedelta(seconds=build.timeout_s), device_id=device if device.type == "cuda" else None,
     )
     return build_pipeline(Stack.from_parameters(build.parameters), parse_source(build.weights), device, build.warm_up,
-                          build.warm_up_sizes)
+                          build.warm_up_sizes, specialised_sizes=build.specialised_sizes)
 
 
 def telemetry(pipeline: StackPipeline) -> dict:
@@ -74,6 +74,7 @@ def telemetry(pipeline: StackPipeline) -> dict:
         "compile_stats": pipeline.compile_stats,
         "compile_artifact": pipeline.compile_artifact,
         "warm_up_sizes": pipeline.warm_up_sizes,
+        "specialised_sizes": pipeline.specialised_sizes,
     }
 
 

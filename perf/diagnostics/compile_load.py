@@ -8,14 +8,20 @@ the warm-up size with code that serves every size (`optimize.apply_compile`), at
 
     python3 -m perf.diagnostics.compile_load --stack bf16-cudnn-fp8-fusedqkv-compile-regional
     python3 -m perf.diagnostics.compile_load --stack STACK --static-shapes --sizes 512x512,768x1344
+    python3 -m perf.diagnostics.compile_load --stack STACK --warm-up-sizes 512x512,768x1344 --profile load.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import dataclasses
+import io
 import json
+import logging
 import os
+import pstats
 import time
 
 import torch
@@ -37,18 +43,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="compile for the warm-up size alone, as the stacks did before dynamic shapes")
     parser.add_argument("--sizes", type=lambda text: parse_sizes(text, Limits(), field="--sizes"), default=[],
                         metavar="HxW,...", help="after the timed requests, one request at each of these sizes")
+    parser.add_argument("--warm-up-sizes", type=lambda text: parse_sizes(text, Limits(), field="--warm-up-sizes"),
+                        default=[], metavar="HxW,...", help="other sizes the load warms up at, as the server's do")
+    parser.add_argument("--specialised-sizes", type=lambda text: parse_sizes(text, Limits(), field="--specialised-sizes"),
+                        default=[], metavar="HxW,...", help="sizes the load also compiles code for alone")
+    parser.add_argument("--profile", metavar="FILE", help="write the load's cProfile (top functions by cumulative "
+                        "time) and torch.compile's own phase times to FILE")
     return parser.parse_args(argv)
+
+
+def write_profile(profiler: cProfile.Profile, path: str) -> None:
+    """The load's hot spots (cumulative time, top 80) and torch.compile's phase times (`compile_times`)."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(80)
+    with open(path, "w") as out:
+        out.write(text.getvalue())
+        out.write("\n# torch._dynamo.utils.compile_times()\n")
+        out.write(torch._dynamo.utils.compile_times(repr="str"))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stack = catalog_by_name()[args.stack]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     request = request_from(args)
+    profiler = cProfile.Profile() if args.profile else contextlib.nullcontext()
     started = time.perf_counter()
-    pipeline = build_pipeline(stack, parse_source(args.weights), device, warm_up=request,
-                              dynamic_shapes=not args.static_shapes)
+    with profiler:
+        pipeline = build_pipeline(stack, parse_source(args.weights), device, warm_up=request,
+                                  warm_up_sizes=args.warm_up_sizes, dynamic_shapes=not args.static_shapes,
+                                  specialised_sizes=args.specialised_sizes)
     load_s = time.perf_counter() - started
+    if args.profile:
+        write_profile(profiler, args.profile)
     latencies = []
     for _ in range(args.requests):
         started = time.perf_counter()
@@ -64,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         "stack": stack.name,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(default)"),
         "aot_packages": os.environ.get(PACKAGES_ENV, "(default)"), "load_s": round(load_s, 3),
-        "shapes": "static" if args.static_shapes else "dynamic", "first_request_at_size": first_at_size,
+        "shapes": "static" if args.static_shapes else "dynamic",
+        "specialised_sizes": [f"{height}x{width}" for height, width in pipeline.specialised_sizes],
+        "first_request_at_size": first_at_size,
         "load_phases_s": pipeline.load_phases, "compile_stats": pipeline.compile_stats,
         "latencies_s": latencies, "steps_computed": generation.steps_computed if latencies else None,
         "peak_memory_gib": pipeline.peak_memory_gib(),
