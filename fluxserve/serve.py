@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                          "--warmup-sizes wins when both are given)")
     parser.add_argument("--specialised-sizes", metavar="HxW,...",
                         help="sizes compiled stacks also compile code for alone at load, faster than their general "
-                             f"graph (default none; sets {SPECIALISED_SIZES_ENV}; a model's specialised_sizes "
-                             "parameter wins)")
+                             f"graph (default: the models' default size on a GPU, none on the CPU; 'none' for none; "
+                             f"sets {SPECIALISED_SIZES_ENV}; a model's specialised_sizes parameter wins)")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument("--gpus", action="append", default=[], metavar="MODEL=GPUS",
                         help="place MODEL's instances (repeatable): instances separated by commas, each a GPU id, a "

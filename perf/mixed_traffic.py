@@ -59,12 +59,17 @@ class FirstRequest:
         return self.seconds / self.steady_p50_s
 
 
+LOAD_FIELDS = ("load_seconds", "load_phases_s", "warm_up_sizes", "specialised_sizes", "compile_stats",
+               "compile_artifact", "peak_memory_gib")  # what INFO says of a model's load
+
+
 def measure_steady_p50(client: FluxClient, models: list[str], mix: SizeMix, requests: int, steps: int,
                        guidance: float, prompts: list[str]):
     """(model, size label) -> P50 seconds of `requests` sequential requests after one warm-up, each size in turn;
-    and (model, size label) -> that warm-up, the first request at the size, as a FirstRequest."""
+    (model, size label) -> that warm-up, the first request at the size, as a FirstRequest; and model -> its load,
+    as INFO reports it (LOAD_FIELDS)."""
     prompt = itertools.cycle(prompts)
-    p50s, firsts = {}, {}
+    p50s, firsts, loads = {}, {}, {}
     for model, size in itertools.product(models, mix.sizes):
         results = [client.generate(model, GenerateRequest(next(prompt), steps=steps, guidance=guidance,
                                                           height=size.height, width=size.width))
@@ -72,9 +77,10 @@ def measure_steady_p50(client: FluxClient, models: list[str], mix: SizeMix, requ
         p50s[model, size.label] = float(np.median([result.latency_s for result in results[1:]]))
         firsts[model, size.label] = FirstRequest(results[0].latency_s, p50s[model, size.label],
                                                  results[0].info.get("compiled_in_request", {}))
+        loads.setdefault(model, {field: results[0].info.get(field) for field in LOAD_FIELDS})
         print(f"{model} {size.label}: first {results[0].latency_s:.3f} s, steady P50 {p50s[model, size.label]:.3f} s",
               file=sys.stderr, flush=True)
-    return p50s, firsts
+    return p50s, firsts, loads
 
 
 @dataclass(frozen=True)
@@ -136,14 +142,26 @@ def write_first_requests(path: Path, firsts: dict[tuple[str, str], FirstRequest]
             file.write(f'{model},{size},{first.seconds:.6f},{first.steady_p50_s:.6f},{first.ratio:.4f},"{compiled}"\n')
 
 
+def load_table(loads: dict[str, dict]) -> str:
+    rows = [[model, f"{load['load_seconds']:.1f}",
+             ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in (load["load_phases_s"] or {}).items()),
+             " ".join(load["warm_up_sizes"] or []), " ".join(load["specialised_sizes"] or []) or "none",
+             (load["compile_stats"] or {}).get("inductor_cache_misses", "-"), load["peak_memory_gib"]]
+            for model, load in loads.items()]
+    return markdown_table(["Model", "Load (s)", "Phases (s)", "Warm-up sizes", "Specialised", "Inductor misses",
+                           "Peak memory (GiB)"], rows)
+
+
 def capacity_table(result: Capacity) -> str:
     rows = [[model, f"{result.mean_service_s[model]:.3f}", f"{result.per_model[model]:.3f}"]
             for model in result.mean_service_s]
     return markdown_table(["Model", "Mean service time (s)", "Capacity alone (req/s)"], rows)
 
 
-def report(args: argparse.Namespace, mix: SizeMix, p50s, firsts, result: Capacity, locust_exit: int | None) -> str:
-    """report.md: the steady P50s, the first requests, the capacity and Locust's mixed table (when it ran)."""
+def report(args: argparse.Namespace, mix: SizeMix, p50s, firsts, loads, result: Capacity,
+           locust_exit: int | None) -> str:
+    """report.md: the models' loads, the steady P50s, the first requests, the capacity and Locust's mixed table
+    (when it ran)."""
     mixed = args.output / f"{LOCUST_PREFIX}_mixed.md"
     open_loop = ["No open loop (--duration 0).\n"] if locust_exit is None else [
         f"## Open loop (Locust exit code {locust_exit})\n",
@@ -151,6 +169,8 @@ def report(args: argparse.Namespace, mix: SizeMix, p50s, firsts, result: Capacit
     return "\n".join([
         f"# Mixed traffic: {', '.join(args.models)}\n",
         f"{args.steps} steps, guidance {args.guidance}, {args.protocol}, {args.duration} s open loop.\n",
+        "## Loads (INFO of each model's first request)\n",
+        load_table(loads),
         f"## Steady P50 (s): one request at a time, {args.requests} after a warm-up\n",
         steady_table(p50s, args.models, mix),
         "## First request at each size (the warm-up above), against its steady P50\n",
@@ -216,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args.url = client.url
     try:
         record_environment(args, argv, client)
-        p50s, firsts = measure_steady_p50(client, args.models, mix, args.requests, args.steps, args.guidance,
+        p50s, firsts, loads = measure_steady_p50(client, args.models, mix, args.requests, args.steps, args.guidance,
                                           load_prompts(args.prompts_file))
     except InferenceServerException as exc:
         print(f"steady P50s: {exc}", file=sys.stderr)
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     steady_file = args.output / "steady_p50.csv"
     write_steady_p50(steady_file, p50s)
     write_first_requests(args.output / "first_requests.csv", firsts)
+    (args.output / "loads.json").write_text(json.dumps(loads, indent=2) + "\n")
     result = capacity(p50s, args.models, mix, args.fraction, args.rate)
     (args.output / "capacity.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     locust_exit = None
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output / "locust.log", "w") as log:
             locust_exit = subprocess.run(locust_command(args, result.rate, steady_file), cwd=ROOT, stdout=log,
                                          stderr=subprocess.STDOUT).returncode
-    (args.output / "report.md").write_text(report(args, mix, p50s, firsts, result, locust_exit))
+    (args.output / "report.md").write_text(report(args, mix, p50s, firsts, loads, result, locust_exit))
     print(f"mixed traffic: results in {args.output} (report.md)", flush=True)
     return locust_exit or 0
 

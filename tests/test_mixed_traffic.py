@@ -135,4 +135,7 @@ def test_mixed_traffic_measures_steady_p50s_then_offers_a_fraction_of_capacity(s
         check_latency_columns(row)
     report = (out / "report.md").read_text()
     assert "## Steady P50" in report and "## Capacity" in report and "| bf16 | 64x64 |" in report
+    load = json.loads((out / "loads.json").read_text())["bf16"]  # the model's load as its INFO reports it
+    assert load["load_seconds"] > 0 and "weights" in load["load_phases_s"] and load["warm_up_sizes"]
+    assert "## Loads" in report and f"| bf16 | {load['load_seconds']:.1f} |" in report
     assert "perf.mixed_traffic" in json.loads((out / "environment.json").read_text())["command"]

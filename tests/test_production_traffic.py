@@ -19,11 +19,13 @@ from fluxserve.stacks import Stack
 from test_serving import infer, info_of, output
 
 WARM_UP_SIZES = "64x64,64x96"
+SPECIALISED_SIZE = "64x96"
 UNSEEN_SIZES = [(80, 80), (128, 64), (112, 96)]
 
 
 def compiled_server(tmp, artifacts, inductor_cache):
-    return start_server(tmp, [COMPILED_STACK], extra_args=["--warmup-sizes", WARM_UP_SIZES],
+    return start_server(tmp, [COMPILED_STACK], extra_args=["--warmup-sizes", WARM_UP_SIZES,
+                                                           "--specialised-sizes", SPECIALISED_SIZE],
                         env_extra={compile_artifacts.ARTIFACTS_ENV: str(artifacts),
                                    "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
 
@@ -46,9 +48,9 @@ def load_info(server) -> dict:
 
 def test_a_ready_compiled_stack_serves_sizes_it_never_saw_without_compiling(first_server):
     info = load_info(first_server)
-    assert info["warm_up_sizes"] == WARM_UP_SIZES.split(",")
+    assert info["warm_up_sizes"] == WARM_UP_SIZES.split(",") and info["specialised_sizes"] == [SPECIALISED_SIZE]
     assert info["compile_stats"]["graphs"] > 0  # the load did compile
-    for height, width in UNSEEN_SIZES:
+    for height, width in [*UNSEEN_SIZES, (64, 96)]:  # and its specialised size runs the code compiled for it
         result = infer(first_server, COMPILED_STACK, SEED=2, STEPS=2, HEIGHT=height, WIDTH=width)
         assert output(result, "IMAGE").shape == (height, width, 3)
         assert info_of(result)["compiled_in_request"] == {}, (height, width)
@@ -117,3 +119,22 @@ def test_artifacts_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.delenv(compile_artifacts.ARTIFACTS_ENV)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     assert compile_artifacts.artifacts_folder() == tmp_path / "artifacts"
+
+
+def test_size_settings_come_from_the_parameter_then_the_environment_and_name_their_source(monkeypatch):
+    from fluxserve.contract import Limits
+    from fluxserve.serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV, specialised_sizes, warm_up_sizes
+
+    limits = Limits(default_size=64)
+    assert specialised_sizes({}, limits, 1, on_gpu=True) == [(64, 64)]  # the default size, on a GPU only
+    assert specialised_sizes({}, limits, 1, on_gpu=False) == []
+    monkeypatch.setenv(SPECIALISED_SIZES_ENV, "none")
+    assert specialised_sizes({}, limits, 1, on_gpu=True) == []
+    assert specialised_sizes({"specialised_sizes": "64x96,96x64"}, limits, 1, on_gpu=False) == [(64, 96), (96, 64)]
+    monkeypatch.setenv(SPECIALISED_SIZES_ENV, "64x99")
+    with pytest.raises(ValueError, match=f"{SPECIALISED_SIZES_ENV}: size '64x99': WIDTH .*multiple of 16"):
+        specialised_sizes({}, limits, 1, on_gpu=True)
+    with pytest.raises(ValueError, match="parameter warmup_sizes: 'none' is not allowed"):
+        warm_up_sizes({"warmup_sizes": "none"}, limits, 1)
+    monkeypatch.setenv(WARMUP_SIZES_ENV, "96x96")
+    assert warm_up_sizes({}, limits, 1) == [(96, 96)]
