@@ -146,7 +146,8 @@ def load_table(loads: dict[str, dict]) -> str:
     rows = [[model, f"{load['load_seconds']:.1f}",
              ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in (load["load_phases_s"] or {}).items()),
              " ".join(load["warm_up_sizes"] or []), " ".join(load["specialised_sizes"] or []) or "none",
-             (load["compile_stats"] or {}).get("inductor_cache_misses", "-"), load["peak_memory_gib"]]
+             str((load["compile_stats"] or {}).get("inductor_cache_misses", "-")),
+             "-" if load["peak_memory_gib"] is None else f"{load['peak_memory_gib']:.1f}"]
             for model, load in loads.items()]
     return markdown_table(["Model", "Load (s)", "Phases (s)", "Warm-up sizes", "Specialised", "Inductor misses",
                            "Peak memory (GiB)"], rows)
