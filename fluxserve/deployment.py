@@ -3,7 +3,8 @@
 Like `model_repository/` (fluxserve/repository.py), the manifests are generated and committed, and a test fails
 when they drift from what this module writes. A profile (`PROFILES`) says which GPU nodes it runs on, which
 stacks a pod serves and on which of its GPUs; everything else is derived: the GPUs and memory a pod requests, its
-startup probe (from the cold loads measured in perf/results/h200/results.csv), the autoscaler's queue-time target
+startup probe (from the cold loads measured in perf/results/h200: results.csv and the served cold starts with the
+load's warm-up, */cold-start*/loads.json), the autoscaler's queue-time target
 (from the measured latency), the ports (the launcher's defaults) and the Locust job's models.
 
 Each profile folder is a Kustomize directory (`kubectl apply -k deploy/<profile>`) whose kustomization.yaml only
@@ -38,7 +39,8 @@ GENERATOR = "python build/generate_deployment.py"
 HAND_WRITTEN = ("README.md",)  # files under deploy/ that the generator leaves alone
 
 # The measurements every derived number comes from: served rows of one H200 (perf/results/h200/README.md).
-RESULTS_CSV = ROOT / "perf" / "results" / "h200" / "results.csv"
+RESULTS_DIR = ROOT / "perf" / "results" / "h200"
+RESULTS_CSV = RESULTS_DIR / "results.csv"
 REFERENCE_STACK = "bf16"  # the stack whose latency scales the H200's numbers to another GPU
 
 # The image (build/Dockerfile): its CMD runs this launcher from this folder; a site's overlay sets the registry.
@@ -46,7 +48,10 @@ IMAGE = "fluxserve"
 IMAGE_WORKDIR = "/opt/fluxserve"
 LAUNCHER = ("python3", "-m", "fluxserve.serve")
 # Triton's P50/P99 per model for the dashboard (nv_inference_request_summary_us), passed through to tritonserver.
-TRITON_FLAGS = ("--metrics-config=summary_latencies=true",)
+# One model loads at a time: each load holds its bf16 weights before quantizing (45-49 GiB on the H200), and three
+# loading at once on one GPU ran out of memory (perf/results/h200/s12-specialised-sizes); the startup probe sums
+# the loads accordingly.
+TRITON_FLAGS = ("--metrics-config=summary_latencies=true", "--model-load-thread-count=1")
 
 # Ports: the launcher's defaults (fluxserve/serve.py), never restated here.
 _LAUNCHER_DEFAULTS = inspect.signature(server_command).parameters
@@ -124,6 +129,29 @@ def measurements(path: Path = RESULTS_CSV) -> dict[str, Measurement]:
                                      float(row["peak_memory_gib"]))
             for row in csv.DictReader(file) if row["mode"] == "server"
         }
+
+
+def cold_start_loads(results: Path = RESULTS_DIR) -> dict[str, float]:
+    """Seconds each stack took to load in a served cold start (empty compile caches, every warm-up size compiled and
+    graphed: what the first pod on an empty cache volume does), the slowest of every run that measured it
+    (`perf/fresh_starts.sh` writes loads.json)."""
+    loads: dict[str, float] = {}
+    for path in results.glob("*/cold-start*/loads.json"):
+        for model, load in json.loads(path.read_text()).items():
+            loads[model] = max(loads.get(model, 0.0), float(load["load_seconds"]))
+    return loads
+
+
+def startup_load_s(stack: Stack, measured: dict[str, Measurement], cold: dict[str, float]) -> float:
+    """The load a stack's startup probe must allow: its served cold start where one was measured; else, for a stack
+    that compiles or captures CUDA graphs, whose warm-up at every size the loads in results.csv predate, the slowest
+    cold start measured; else its load in results.csv (by its one-GPU twin for a context-parallel stack)."""
+    name = measured_as(stack)
+    if name in cold:
+        return cold[name]
+    if (stack.compile != "none" or stack.cuda_graph) and cold:
+        return max(measured[name].load_s, *cold.values())
+    return measured[name].load_s
 
 
 def measured_as(stack: Stack) -> str:
@@ -214,9 +242,11 @@ class Plan:
         return PRE_STOP_S + EXIT_TIMEOUT_S + GRACE_SLACK_S
 
 
-def plan_for(profile: GpuProfile, measured: dict[str, Measurement] | None = None) -> Plan:
+def plan_for(profile: GpuProfile, measured: dict[str, Measurement] | None = None,
+             cold: dict[str, float] | None = None) -> Plan:
     """Check `profile` against the catalog, the GPU and the measurements, and derive what its pods need."""
     measured = measurements() if measured is None else measured
+    cold = cold_start_loads() if cold is None else cold
     catalog = catalog_by_name()
     unknown = [model.stack for model in profile.models if model.stack not in catalog]
     if unknown:
@@ -245,7 +275,7 @@ def plan_for(profile: GpuProfile, measured: dict[str, Measurement] | None = None
                                f"{profile.memory_gib} GiB is the most it may hold")
     reference = measured[REFERENCE_STACK].p50_s
     slowdown = profile.seed_bf16_p50_s / reference if profile.seed_bf16_p50_s else 1.0
-    loads = sum(measured[measured_as(stack)].load_s for model, stack in zip(profile.models, stacks)
+    loads = sum(startup_load_s(stack, measured, cold) for model, stack in zip(profile.models, stacks)
                 for _ in model.instances)
     startup = FLUX_DEV_BYTES / VOLUME_READ_BYTES_PER_S + LOAD_MARGIN * slowdown * loads
     instances = sum(len(model.instances) for model in profile.models)
