@@ -22,6 +22,7 @@ from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
 from .cuda_graph import eager_forward, seal_cuda_graphs
 from .optimize import (TORCH_DTYPES, apply_vae_compile, check_supported, counted_forward, optimize_transformer,
                        set_cache_steps)
+from .prompt_cache import PromptCache
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
 
@@ -80,6 +81,8 @@ class Generation:
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     compiled: dict[str, int] = field(default_factory=dict)  # what torch.compile compiled during it (none: empty)
+    # Whether the prompt cache held the prompt ('hit') and its counters after the request; None without a cache.
+    prompt_cache: dict | None = None
 
 
 class StackPipeline:
@@ -101,6 +104,7 @@ class StackPipeline:
         self.compile_artifact: dict[str, str | None] = {}  # compiled stacks: the artifact read and written at load
         self.warm_up_sizes: list[tuple[int, int]] = []  # the sizes the load ran (compiled, graphs captured)
         self.specialised_sizes: list[tuple[int, int]] = []  # of those, the ones with code compiled for them alone
+        self.prompt_cache: PromptCache | None = None  # set by build_pipeline after the warm-up
         self.steps = StepCounter(pipe.transformer, whole_forward=stack.cuda_graph)
 
     def _sync(self) -> float:
@@ -144,17 +148,21 @@ class StackPipeline:
         should_stop = _with_injected_oom(request, should_stop)
         compiled_before = compile_counters() if self.stack.compile != "none" else None
         start = self._sync()
+        cached = self.prompt_cache is not None and request.prompt in self.prompt_cache
         embeddings = self._encode(request.prompt)
         encoded = self._sync()
+        prompt_cache = {"hit": cached, **self.prompt_cache.stats()} if self.prompt_cache is not None else None
         try:
             latents, steps_run = self._denoise(embeddings, request, should_stop)
         except _StopRequested as stop:
-            return Generation(None, stop.steps_run, self.steps.count, cancelled=True, timings_ms={})
+            return Generation(None, stop.steps_run, self.steps.count, cancelled=True, timings_ms={},
+                              prompt_cache=prompt_cache)
         denoised = self._sync()
         if not decode:
             return Generation(None, steps_run, self.steps.count, cancelled=False,
                               timings_ms={"text_encode": round((encoded - start) * 1000, 3),
-                                          "denoise": round((denoised - encoded) * 1000, 3)})
+                                          "denoise": round((denoised - encoded) * 1000, 3)},
+                              prompt_cache=prompt_cache)
         image = self._decode(latents, request.height, request.width)
         decoded = self._sync()
         pixels = image.cpu().numpy()
@@ -173,13 +181,19 @@ class StackPipeline:
             timings_ms={name: round(seconds * 1000, 3) for name, seconds in timings.items()},
             warnings=self.prompt_warnings(request.prompt),
             compiled=compiled_since(compiled_before) if compiled_before is not None else {},
+            prompt_cache=prompt_cache,
         )
 
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt -> (T5 sequence embeddings, CLIP pooled embedding)."""
+        """Prompt -> (T5 sequence embeddings, CLIP pooled embedding), from the prompt cache when it holds them
+        (the same tensors the encoders returned for the prompt's first request, which the loop only reads)."""
+        if self.prompt_cache is not None and (cached := self.prompt_cache.get(prompt)) is not None:
+            return cached
         prompt_embeds, pooled_prompt_embeds, _ = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
         )
+        if self.prompt_cache is not None:
+            self.prompt_cache.put(prompt, (prompt_embeds, pooled_prompt_embeds))
         return prompt_embeds, pooled_prompt_embeds
 
     def _denoise(self, embeddings, request: GenerationRequest, should_stop) -> tuple[torch.Tensor, int]:
@@ -284,14 +298,16 @@ def attention_kernel_from_events(names) -> str:
 
 def build_pipeline(
     stack: Stack, weights: WeightsSource, device: torch.device, warm_up: GenerationRequest | None = None,
-    warm_up_sizes=(), dynamic_shapes: bool = True, specialised_sizes=(),
+    warm_up_sizes=(), dynamic_shapes: bool = True, specialised_sizes=(), prompt_cache: PromptCache | None = None,
 ) -> StackPipeline:
     """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
 
     `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
     `dynamic_shapes`: compiled code serves every size (`optimize.apply_compile`); off, it is specialised to the
     sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by requests
-    at those sizes (`compile_shapes`). A compiled stack first fills its compile caches from its portable artifact, when there is
+    at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use (`prompt_cache`), given
+    to the pipeline after the warm-up so that it holds and counts requests alone (context-parallel workers build
+    without one). A compiled stack first fills its compile caches from its portable artifact, when there is
     one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).
 
     The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
@@ -317,6 +333,7 @@ def build_pipeline(
     stack_pipeline = StackPipeline(stack, pipe, device, weights, backend)
     if warm_up is not None:
         stack_pipeline.warm_up(warm_up, clock, warm_up_sizes, specialised_sizes)
+    stack_pipeline.prompt_cache = prompt_cache
     stack_pipeline.load_phases = clock.phases
     if stack.compile != "none":
         stack_pipeline.compile_stats = compiled_since(compiled_before, keep_zeros=True)

@@ -17,6 +17,7 @@ from .parallel.group import Timeouts
 from .pipeline import build_pipeline, release_memory
 from .placement import PlacementError, instance_gpus
 from .png import encode_png
+from .prompt_cache import ENTRIES_PARAMETER, PromptCache
 from .stacks import Stack
 from .weights import ENV_VAR, default_source, parse_source
 
@@ -111,13 +112,16 @@ class StackService:
     ):
         """`devices`: one per GPU the stack uses (`instance_devices`). `notify(message)` reports to the server
         log; `observe(request, generation)` sees every generation (metrics); `trace(message)`, when given, hears of
-        each request as it starts generating (the server log's info level: which request the instance is busy with)."""
+        each request as it starts generating (the server log's info level: which request the instance is busy with).
+        The prompt cache (`prompt_cache_entries`) serves one-GPU stacks only: a context-parallel stack's workers build
+        their pipelines themselves (`parallel.worker`), without one, and the log says the parameter is ignored."""
         self.model_name = model_name
         self.notify = notify
         self.observe = observe
         self.trace = trace
         self.stack = Stack.from_parameters(parameters)
         self.limits = Limits.from_parameters(parameters)
+        prompt_cache = PromptCache.from_parameters(parameters)
         self.weights, why = weights_from(parameters)
         if self.weights.kind == "synthetic":
             notify(f"*** {model_name}: serving RANDOM weights ({self.weights}): {why}. Images are noise. ***")
@@ -129,8 +133,11 @@ class StackService:
         started = time.perf_counter()
         if self.stack.gpus == 1:
             self.pipeline = build_pipeline(self.stack, self.weights, devices[0], warm_up, sizes[1:],
-                                           specialised_sizes=specialised)
+                                           specialised_sizes=specialised, prompt_cache=prompt_cache)
         else:
+            if prompt_cache is not None:
+                notify(f"{model_name}: parameter {ENTRIES_PARAMETER} ignored: a context-parallel stack has no "
+                       "prompt cache")
             self.pipeline = WorkerGroup(self.stack, parameters, str(self.weights), devices, warm_up, notify,
                                         Timeouts.from_parameters(parameters), sizes[1:], specialised)
         self.load_seconds = time.perf_counter() - started
@@ -187,6 +194,7 @@ class StackService:
             "compiled_in_request": generation.compiled,
             "peak_memory_gib": self.pipeline.peak_memory_gib(),
             "timings_ms": timings,
+            "prompt_cache": generation.prompt_cache,
             "warnings": generation.warnings,
         }
         outputs["INFO"] = np.array([json.dumps(info).encode()], dtype=np.object_)

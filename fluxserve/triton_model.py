@@ -48,6 +48,26 @@ class StepMetrics:
         self.skipped.increment(generation.steps_run - generation.steps_computed)
 
 
+class PromptCacheMetrics:
+    """Prometheus counters of the prompt cache per model: prompts it served and prompts the text encoders encoded
+    (both stay at zero while the cache is off)."""
+
+    def __init__(self, model_name: str) -> None:
+        labels = {"model": model_name}
+        self.families = [  # kept for as long as their metrics, as StepMetrics keeps its own
+            pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            for name, description in (
+                ("fluxserve_prompt_cache_hits_total", "Requests whose prompt embeddings the prompt cache served"),
+                ("fluxserve_prompt_cache_misses_total", "Requests whose prompt the text encoders encoded (cache on)"),
+            )
+        ]
+        self.hits, self.misses = (family.Metric(labels=labels) for family in self.families)
+
+    def observe(self, request, generation) -> None:
+        if generation.prompt_cache is not None:
+            (self.hits if generation.prompt_cache["hit"] else self.misses).increment(1)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         # The stub embeds Python without taking the locale from the environment, so files opened as text are
@@ -56,11 +76,15 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         devices = instance_devices(args["model_instance_kind"], int(args["model_instance_device_id"]), parameters)
-        self.metrics = StepMetrics(args["model_name"])
+        self.metrics = (StepMetrics(args["model_name"]), PromptCacheMetrics(args["model_name"]))
         self.service = StackService(
-            args["model_name"], parameters, devices, notify=pb_utils.Logger.log_warn, observe=self.metrics.observe,
+            args["model_name"], parameters, devices, notify=pb_utils.Logger.log_warn, observe=self._observe,
             trace=pb_utils.Logger.log_info,
         )
+
+    def _observe(self, request, generation) -> None:
+        for metrics in self.metrics:
+            metrics.observe(request, generation)
 
     def finalize(self) -> None:
         if hasattr(self, "service"):  # not when initialize failed
