@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .contract import ADMIN_KEY_ENV, Limits
-from .placement import Placement, check_placement, format_instance
+from .server.placement import Placement, check_placement, format_instance
 from .serve import server_command
 from .shared_dirs import COMPILE_CACHE_ENV
 from .stacks import Stack, catalog_by_name

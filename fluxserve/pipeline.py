@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from .aot_blocks import block_forward, paused
-from .compile_artifacts import load_artifact, save_artifact
-from .compile_shapes import allow_specialisations, specialised_code
+from .optimizations.aot_blocks import block_forward, paused
+from .optimizations.compile_artifacts import load_artifact, save_artifact
+from .optimizations.compile_shapes import allow_specialisations, specialised_code
 from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
-from .cuda_graph import eager_forward, seal_cuda_graphs
-from .optimize import (TORCH_DTYPES, apply_vae_compile, check_supported, counted_forward, optimize_transformer,
-                       set_cache_steps)
+from .optimizations.cuda_graph import eager_forward, seal_cuda_graphs
+from .optimizations.apply import (TORCH_DTYPES, apply_vae_compile, check_supported, counted_forward,
+                                  optimize_transformer, set_cache_steps)
 from .prompt_cache import PromptCache
 from .stacks import Stack
 from .weights import WeightsSource, load_pipeline
@@ -50,7 +50,7 @@ class StepCounter:
     torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
     cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
     graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time package,
-    or compiled code that no cache decides under (`optimize.counted_forward`), calls the counter from its forward,
+    or compiled code that no cache decides under (`optimizations.apply.counted_forward`), calls the counter from its forward,
     where the cache's skip decision has already been taken: a hook inside would compile the last block apart."""
 
     def __init__(self, transformer, whole_forward: bool = False) -> None:
@@ -303,7 +303,7 @@ def build_pipeline(
     """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
 
     `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
-    `dynamic_shapes`: compiled code serves every size (`optimize.apply_compile`); off, it is specialised to the
+    `dynamic_shapes`: compiled code serves every size (`optimizations.apply.apply_compile`); off, it is specialised to the
     sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by requests
     at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use (`prompt_cache`), given
     to the pipeline after the warm-up so that it holds and counts requests alone (context-parallel workers build
@@ -366,7 +366,7 @@ def compile_counters() -> dict[str, int]:
     packages fell back to torch.compile."""
     from torch._dynamo.utils import counters
 
-    from . import aot_blocks
+    from .optimizations import aot_blocks
 
     return {**{name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()},
             **{name: aot_blocks.counters[key] for name, key in AOT_COUNTERS.items()}}

@@ -16,7 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from .contract import INPUTS, OUTPUTS, Limits
-from .placement import GPU_GROUPS_PARAMETER, Placement, PlacementError, check_placement, format_groups, instance_group
+from .server.placement import (
+    GPU_GROUPS_PARAMETER, Placement, PlacementError, check_placement, format_groups, instance_group,
+)
 from .shared_dirs import content_keyed_directory
 from .stacks import CATALOG, Stack
 

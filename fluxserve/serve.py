@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import ADMIN_HEADER, ADMIN_KEY_ENV, WARMUP_BUCKETS
-from .placement import parse_model_gpus
+from .server.placement import parse_model_gpus
 from .repository import REPOSITORY, placed_repository
 from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 from .stacks import DEFAULT_STACK
 from .weights import ENV_VAR, default_source, parse_source
-from .serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV
+from .server.serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Endpoints that change or expose the server's state: only with the admin header when a key is set.

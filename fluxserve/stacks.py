@@ -46,7 +46,7 @@ class StackError(ValueError):
 @dataclass(frozen=True)
 class CapabilityNeed:
     """The lowest NVIDIA compute capability a stack's kernels run on, and the feature that sets it: one rule that
-    the loader (`optimize.check_supported`) and the deploy generator (`deployment.plan_for`) both read."""
+    the loader (`optimizations.apply.check_supported`) and the deploy generator (`deployment.plan_for`) both read."""
 
     feature: str
     capability: tuple[int, int]

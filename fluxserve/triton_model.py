@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from .contract import INPUTS, InvalidInput
 from .parallel import WorkerFault
-from .serving import OutOfMemory, RequestCancelled, StackService, instance_devices
+from .server.serving import OutOfMemory, RequestCancelled, StackService, instance_devices
 
 REQUEST_ERRORS = (InvalidInput, RequestCancelled, OutOfMemory, WorkerFault)
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxserve.placement import PlacementError, check_placement, parse_instance, parse_model_gpus
+from fluxserve.server.placement import PlacementError, check_placement, parse_instance, parse_model_gpus
 from fluxserve.stacks import catalog_by_name
 
 FIELDS = ("stacks", "direct", "reload", "gpus", "concurrency", "place")

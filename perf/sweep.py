@@ -396,7 +396,7 @@ def measure_direct(stack_name: str, weights: str, config: Config, prompts: list[
     requests, one at a time. The model is dropped on return; `release_memory` then gives its GPU memory back."""
     import torch
 
-    from fluxserve.serving import StackService, instance_devices
+    from fluxserve.server.serving import StackService, instance_devices
 
     stack = catalog_by_name().get(stack_name)
     if stack is None:

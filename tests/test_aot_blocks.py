@@ -1,4 +1,4 @@
-"""Ahead-of-time packages for the regionally compiled stacks (fluxserve/aot_blocks.py), on the CPU with
+"""Ahead-of-time packages for the regionally compiled stacks (fluxserve/optimizations/aot_blocks.py), on the CPU with
 synthetic:tiny: the first load builds a package per block class, later loads reuse it (any weights, any image size),
 a step cache and the step counter still work over it, and a package that cannot be used falls back to torch.compile
 with a warning. Packages are built once for the module (about 40 s on two cores)."""
@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from fluxserve import aot_blocks
+from fluxserve.optimizations import aot_blocks
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import Stack
@@ -74,7 +74,7 @@ def test_packages_are_keyed_by_this_packages_own_source_too(tmp_path, monkeypatc
     monkeypatch.setattr(aot_blocks, "PACKAGE_ROOT", tmp_path)
     aot_blocks.source_digest.cache_clear()
     before = aot_blocks.environment(CPU)["fluxserve"]
-    optimize = tmp_path / "fluxserve" / "optimize.py"
+    optimize = tmp_path / "fluxserve" / "optimizations" / "apply.py"
     optimize.write_text(optimize.read_text() + "\n# another version\n")
     aot_blocks.source_digest.cache_clear()
     assert aot_blocks.environment(CPU)["fluxserve"] != before
@@ -87,7 +87,7 @@ def test_a_block_call_outside_the_packages_fixed_shapes_runs_the_blocks_own_forw
     image = torch.zeros(1, 5, 8)
     rotary = (torch.zeros(517, 4), torch.zeros(517, 4))
     assert forward(hidden_states=image, rotary=rotary) == "package"  # any image-token count
-    with caplog.at_level(logging.WARNING, logger="fluxserve.aot_blocks"):
+    with caplog.at_level(logging.WARNING, logger="fluxserve.optimizations.aot_blocks"):
         assert forward(hidden_states=torch.zeros(2, 5, 8), rotary=rotary) == "eager"  # a batch of 2
         assert forward(hidden_states=image, rotary=rotary[:1]) == "eager"
         assert forward(hidden_states=image, rotary=rotary, joint_attention_kwargs={"scale": 0.5}) == "eager"
@@ -163,7 +163,7 @@ def test_a_damaged_package_falls_back_to_torch_compile_with_a_warning(built, tmp
     shutil.copytree(packages, copy)
     package = package_folder(copy) / "FluxSingleTransformerBlock.pt2"
     package.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="fluxserve.optimize"):
+    with caplog.at_level(logging.WARNING, logger="fluxserve.optimizations.apply"):
         pipeline = load(REGIONAL, copy, monkeypatch)
     assert "do not load here" in caplog.text and "compiling with torch.compile instead" in caplog.text
     assert pipeline.compile_stats["aot_fallbacks"] == 1 and pipeline.compile_stats["frames"] > 0
@@ -176,7 +176,7 @@ def test_packages_that_failed_their_check_are_not_rebuilt_at_every_load(built, t
     copy = tmp_path / "packages"
     shutil.copytree(packages, copy)
     (package_folder(copy) / aot_blocks.UNUSABLE).write_text("loading them in a child process failed (signal 11)\n")
-    with caplog.at_level(logging.WARNING, logger="fluxserve.optimize"):
+    with caplog.at_level(logging.WARNING, logger="fluxserve.optimizations.apply"):
         pipeline = load(REGIONAL, copy, monkeypatch)
     assert "signal 11" in caplog.text
     assert pipeline.compile_stats["aot_packages_built"] == 0 and pipeline.compile_stats["aot_fallbacks"] == 1

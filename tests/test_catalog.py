@@ -75,7 +75,7 @@ def gpu_of(monkeypatch):
     the device the loader's check is given."""
     import torch
 
-    from fluxserve import fp8_attention
+    from fluxserve.optimizations import fp8_attention
 
     def gpu(capability: tuple[int, int], frontend: bool = True):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
@@ -93,7 +93,7 @@ def gpu_of(monkeypatch):
     ("bf16-fp8", (8, 0), ["fp8 needs compute capability 8.9+", "has 8.0"]),
 ])
 def test_the_loader_refuses_a_gpu_below_what_the_stack_needs(gpu_of, name, capability, words):
-    from fluxserve.optimize import StackUnsupported, check_supported
+    from fluxserve.optimizations.apply import StackUnsupported, check_supported
 
     with pytest.raises(StackUnsupported) as error:
         check_supported(catalog_by_name()[name], gpu_of(capability))
@@ -102,7 +102,7 @@ def test_the_loader_refuses_a_gpu_below_what_the_stack_needs(gpu_of, name, capab
 
 
 def test_the_loader_accepts_fp8_linear_layers_on_ada(gpu_of):
-    from fluxserve.optimize import check_supported
+    from fluxserve.optimizations.apply import check_supported
 
     check_supported(catalog_by_name()["bf16-cudnn-fp8row-fusedqkv-compile-regional-cudagraph"], gpu_of((8, 9)))
 
@@ -110,7 +110,7 @@ def test_the_loader_accepts_fp8_linear_layers_on_ada(gpu_of):
 def test_an_fp8_attention_stack_says_what_the_gpu_lacks_before_loading_weights(gpu_of):
     import torch
 
-    from fluxserve.optimize import StackUnsupported, check_supported
+    from fluxserve.optimizations.apply import StackUnsupported, check_supported
 
     with pytest.raises(StackUnsupported) as error:
         check_supported(Stack(attention="fp8attn"), gpu_of((9, 0), frontend=False))
@@ -175,7 +175,7 @@ def test_readme_stack_table_matches_the_catalog():
 def test_a_cuda_graph_stack_fails_before_loading_weights_on_cpu():
     import torch
 
-    from fluxserve.optimize import StackUnsupported, check_supported
+    from fluxserve.optimizations.apply import StackUnsupported, check_supported
 
     with pytest.raises(StackUnsupported, match="CUDA graphs need a CUDA GPU"):
         check_supported(Stack(cuda_graph=True), torch.device("cpu"))

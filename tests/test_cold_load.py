@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxserve.read_ahead import ReadAhead
+from fluxserve.weights.read_ahead import ReadAhead
 from perf.diagnostics import cold_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_stopped_readers_take_no_further_segment(data_file):
 
 
 def test_the_checksums_see_one_changed_value_and_not_a_dtype_that_keeps_the_values():
-    from fluxserve.synthetic import build_synthetic_pipeline
+    from fluxserve.weights.synthetic import build_synthetic_pipeline
 
     pipe = build_synthetic_pipeline("tiny", torch.bfloat16, "cpu")
     before = cold_load.model_checksums(pipe)

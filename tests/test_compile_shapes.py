@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxserve.compile_shapes import SizeRouted, allow_specialisations, specialised_code
+from fluxserve.optimizations.compile_shapes import SizeRouted, allow_specialisations, specialised_code
 
 
 class Recorder:

@@ -19,7 +19,7 @@ import torch
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import Stack
-from fluxserve.synthetic import TINY
+from fluxserve.weights.synthetic import TINY
 from fluxserve.weights import parse_source
 
 REQUEST = GenerationRequest(prompt="a lighthouse", seed=0, steps=8, guidance=3.5, height=64, width=64)

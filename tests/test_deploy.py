@@ -27,7 +27,7 @@ from kubernetes_validate import utils as validate_utils
 from conftest import ROOT
 from fluxserve import deployment, serve
 from fluxserve.contract import ADMIN_KEY_ENV
-from fluxserve.placement import GPU_GROUPS_PARAMETER, parse_groups
+from fluxserve.server.placement import GPU_GROUPS_PARAMETER, parse_groups
 from fluxserve.repository import PARAMETER_LINE
 from fluxserve.stacks import Stack, catalog_by_name
 from fluxserve.weights import ENV_VAR as WEIGHTS_ENV

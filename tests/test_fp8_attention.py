@@ -1,5 +1,5 @@
-"""fp8 attention (fluxserve/fp8_attention.py): its scales, its error against float32 attention at ordinary and
-large magnitudes, its tracing by torch.compile, and the `fp8attn` stack through the real tritonserver (on CPU the
+"""fp8 attention (fluxserve/optimizations/fp8_attention.py): its scales, its error against float32 attention at
+ordinary and large magnitudes, its tracing by torch.compile, and the `fp8attn` stack through the real tritonserver (on CPU the
 op runs its emulation of the cuDNN kernel's arithmetic; the cuDNN kernel itself is checked against that emulation
 on the GPU by perf/diagnostics/fp8_attention.py)."""
 
@@ -11,7 +11,7 @@ import torch
 
 from diffusers.models.transformers.transformer_flux import apply_rotary_emb
 
-from fluxserve.fp8_attention import (
+from fluxserve.optimizations.fp8_attention import (
     FP8,
     FP8_MAX,
     Fp8AttnProcessor,
@@ -111,7 +111,7 @@ def test_fp8_attention_is_traced_by_torch_compile_as_one_op():
     compiled = torch.compile(fp8_attention, backend=record, fullgraph=True)
     assert torch.equal(compiled(query, key, value), fp8_attention(query, key, value))
     targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
-    assert "fluxserve.fp8_attention.default" in targets, targets
+    assert "fluxserve.optimizations.fp8_attention.default" in targets, targets
     assert len(graphs) == 1  # the quantization around it is in the same graph, for Inductor to fuse
 
 

@@ -1,12 +1,12 @@
-"""The per-row fp8 linears with GELU fused into their input's quantization (fluxserve.fp8_rows), on the CPU: the
-op's PyTorch path against torchao's own quantization arithmetic, and FLUX's blocks rewired around it. The Triton
+"""The per-row fp8 linears with GELU fused into their input's quantization (fluxserve.optimizations.fp8_rows), on the
+CPU: the op's PyTorch path against torchao's own quantization arithmetic, and FLUX's blocks rewired around it. The Triton
 kernel itself runs only on a GPU: perf.diagnostics.activation_quantization compares it with torchao's there."""
 
 import pytest
 import torch
 
-from fluxserve.activations import gelu_tanh_as_sigmoid
-from fluxserve.fp8_rows import FP8, RowwiseFp8Linear, quantize_rows
+from fluxserve.optimizations.activations import gelu_tanh_as_sigmoid
+from fluxserve.optimizations.fp8_rows import FP8, RowwiseFp8Linear, quantize_rows
 from fluxserve.stacks import Stack, StackError
 
 from conftest import flux_transformer_inputs, unit_scale_flux_transformer
@@ -69,7 +69,7 @@ def quantize_as_torchao(linear: torch.nn.Linear) -> None:
 
 
 def test_fused_gelu_quantization_keeps_every_block_computing_flux():
-    from fluxserve.optimize import apply_fused_gelu_quantization
+    from fluxserve.optimizations.apply import apply_fused_gelu_quantization
 
     transformer = unit_scale_flux_transformer()
     outputs = [linear for block in transformer.transformer_blocks for linear in (block.ff.net[2], block.ff_context.net[2])]

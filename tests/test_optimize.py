@@ -68,7 +68,7 @@ def test_compile_loads_diagnostic_loads_each_variant_cold_then_from_its_warm_cac
 
 
 def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image(unit_scale_weights):
-    from fluxserve.optimize import SEPARATE_PROJECTIONS
+    from fluxserve.optimizations.apply import SEPARATE_PROJECTIONS
 
     # On the unit-scale weights at 96x128, where every projection shows in the image: on synthetic:tiny's a fused
     # weight with Q and K in each other's place makes the same image.
@@ -90,7 +90,7 @@ def test_fused_qkv_drops_the_separate_projections_and_computes_the_same_image(un
 
 
 def test_quantization_covers_the_blocks_linears_and_leaves_the_top_level_layers_bf16():
-    from fluxserve.optimize import UNQUANTIZED_TOP_LEVEL
+    from fluxserve.optimizations.apply import UNQUANTIZED_TOP_LEVEL
 
     transformer = build_pipeline(Stack(quantization="int8"), parse_source("synthetic:tiny"),
                                  torch.device("cpu")).pipe.transformer
@@ -106,7 +106,7 @@ def test_quantization_covers_the_blocks_linears_and_leaves_the_top_level_layers_
 def test_sigmoid_gelu_computes_the_tanh_gelu_in_every_block():
     from diffusers.models.activations import GELU
 
-    from fluxserve.optimize import apply_sigmoid_gelu, gelu_tanh_as_sigmoid
+    from fluxserve.optimizations.apply import apply_sigmoid_gelu, gelu_tanh_as_sigmoid
 
     x = torch.linspace(-12, 12, 10001)
     assert (gelu_tanh_as_sigmoid(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 1e-5

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from fluxserve import serving
-from fluxserve.placement import PlacementError, check_placement, instance_gpus, parse_model_gpus
+from fluxserve.server import serving
+from fluxserve.server.placement import PlacementError, check_placement, instance_gpus, parse_model_gpus
 from fluxserve.repository import PARAMETER_LINE, config_pbtxt, place_config, placed_repository
 from fluxserve.serve import place_models
 from fluxserve.stacks import catalog_by_name

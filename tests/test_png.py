@@ -1,4 +1,4 @@
-"""fluxserve.png: the served PNG, encoded on several threads, decodes to the image's exact pixels."""
+"""fluxserve.server.png: the served PNG, encoded on several threads, decodes to the image's exact pixels."""
 
 import io
 import struct
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxserve.png import ROWS_PER_BAND, encode_png
+from fluxserve.server.png import ROWS_PER_BAND, encode_png
 
 
 def image_data(png: bytes) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import COMPILED_STACK, start_server
-from fluxserve import compile_artifacts
+from fluxserve.optimizations import compile_artifacts
 from fluxserve.stacks import Stack
 from test_serving import infer, info_of, output
 
@@ -89,7 +89,7 @@ def test_an_artifact_round_trips_and_a_damaged_or_foreign_one_is_ignored_with_a_
     torch.compile(square, dynamic=True)(torch.ones(5))
     written = compile_artifacts.save_artifact(stack, device, tmp_path)
     assert written is not None and written.parent == tmp_path / stack.name
-    caplog.set_level(logging.WARNING, logger="fluxserve.compile_artifacts")
+    caplog.set_level(logging.WARNING, logger="fluxserve.optimizations.compile_artifacts")
     assert compile_artifacts.load_artifact(stack, device, tmp_path) == written
     assert "ignored" not in caplog.text
 
@@ -123,7 +123,7 @@ def test_artifacts_can_be_switched_off(monkeypatch, tmp_path):
 
 def test_size_settings_come_from_the_parameter_then_the_environment_and_name_their_source(monkeypatch):
     from fluxserve.contract import Limits
-    from fluxserve.serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV, specialised_sizes, warm_up_sizes
+    from fluxserve.server.serving import SPECIALISED_SIZES_ENV, WARMUP_SIZES_ENV, specialised_sizes, warm_up_sizes
 
     limits = Limits(default_size=64)
     assert specialised_sizes({}, limits, 1, on_gpu=True) == [(64, 64)]  # the default size, on a GPU only

@@ -16,7 +16,7 @@ import fluxserve
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
 from fluxserve.prompt_cache import PromptCache
-from fluxserve.serving import StackService
+from fluxserve.server.serving import StackService
 from fluxserve.stacks import Stack
 from fluxserve.weights import parse_source
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, WARMUP_SIZE, start_server
-from fluxserve.serving import WARMUP_SIZES_ENV
+from fluxserve.server.serving import WARMUP_SIZES_ENV
 
 MODELS = ["fp16", "bf16", "bf16-fbcache-0.3", "bf16-cp2"]  # the baseline (bf16) is measured first all the same
 EXPECTED_ORDER = ["bf16", "bf16 (direct)", "fp16", "bf16-fbcache-0.3", "bf16-cp2"]  # direct right after served

@@ -13,7 +13,7 @@ from conftest import TEACACHE_ALWAYS_SKIPS, TEACACHE_NEVER_SKIPS
 from fluxserve.contract import GenerationRequest
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import Stack
-from fluxserve.teacache import FLUX_COEFFICIENTS, TeaCacheRule
+from fluxserve.optimizations.teacache import FLUX_COEFFICIENTS, TeaCacheRule
 from fluxserve.weights import parse_source
 from test_serving import infer, output
 

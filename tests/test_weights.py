@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import MODEL_PY, config_pbtxt, start_server
 from fluxserve import weights
 from fluxserve.stacks import Stack
-from fluxserve.read_ahead import ReadAhead, weight_files
+from fluxserve.weights.read_ahead import ReadAhead, weight_files
 from fluxserve.weights import WeightsError, load_onto_device, load_to_cpu, parse_source
 from test_serving import infer, info_of, output
 
@@ -28,7 +28,7 @@ MISSING_SHARD = "text_encoder_2/model-00002-of-00002.safetensors"
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """synthetic:tiny saved as a diffusers folder, its larger components in two shards each."""
-    from fluxserve.synthetic import build_synthetic_pipeline
+    from fluxserve.weights.synthetic import build_synthetic_pipeline
 
     folder = tmp_path_factory.mktemp("weights") / "tiny-flux"
     build_synthetic_pipeline("tiny", torch.bfloat16, "cpu").save_pretrained(folder, max_shard_size="200KB")

@@ -48,7 +48,7 @@ def exit_with_parent() -> None:
 
 def join_and_build(build: Build) -> StackPipeline:
     """Join the group (NCCL for the GPUs' tensors and gloo for the host's, or gloo alone on CPU), then build the
-    stack as a one-GPU instance would, context parallelism included (`optimize.apply_context_parallel`)."""
+    stack as a one-GPU instance would, context parallelism included (`optimizations.apply.apply_context_parallel`)."""
     device = torch.device(build.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group: NCCL and diffusers' device mesh take the current device

@@ -7,7 +7,7 @@ their bytes need), and the per-tensor quantization of Q and K before fp8 attenti
 GELU's tanh, which Inductor emits as libdevice's accurate tanhf and computes twice per value (once for the row's
 absolute maximum, once to quantize), and the absolute maximum of Q and K, a reduction over the whole tensor
 before any value can be cast. Each case is compiled alone with Inductor's defaults (as the stacks compile) and
-timed as CUDA-event medians. `fused_kernel` cases run the same layers as `fluxserve.fp8_rows.RowwiseFp8Linear`
+timed as CUDA-event medians. `fused_kernel` cases run the same layers as `fluxserve.optimizations.fp8_rows.RowwiseFp8Linear`
 (one hand-written kernel quantizes each row, GELU included); `quantize/*` time the quantization alone and
 `matmul` the fp8 matmul alone, and `agreement` compares the kernel's e4m3 values and scales with torchao's own
 quantization of the same GELU'd rows. Prints one JSON object (and writes it to `--out`).
@@ -25,10 +25,10 @@ import torch._inductor.config
 from diffusers.models.transformers.transformer_flux import apply_rotary_emb
 from torch import nn
 
-from fluxserve.activations import gelu_tanh_as_sigmoid
-from fluxserve.fp8_attention import quantize_per_tensor, rms_norm_bound
-from fluxserve.fp8_rows import FP8, RowwiseFp8Linear, quantize_rows
-from fluxserve.optimize import apply_quantization
+from fluxserve.optimizations.activations import gelu_tanh_as_sigmoid
+from fluxserve.optimizations.fp8_attention import quantize_per_tensor, rms_norm_bound
+from fluxserve.optimizations.fp8_rows import FP8, RowwiseFp8Linear, quantize_rows
+from fluxserve.optimizations.apply import apply_quantization
 from perf.diagnostics.report import emit
 
 TOKENS, TEXT_TOKENS, DIM, MLP_DIM, HEADS, HEAD_DIM = 4096, 512, 3072, 12288, 24, 128

@@ -17,7 +17,7 @@ JSON written again after every phase, so that a run cut short keeps what it meas
    device (torch.cuda.synchronize); every pipeline checked against the built one (or the first one loaded) by a
    checksum of each model's tensors:
    - load_pipeline: `fluxserve.weights.load_pipeline`, the server's path (on a GPU: `load_onto_device`, the files
-     read ahead into the page cache by `fluxserve.read_ahead` on 8 threads while the models load)
+     read ahead into the page cache by `fluxserve.weights.read_ahead` on 8 threads while the models load)
    - onto_device_no_read_ahead: the same without the readers (the loader's page faults alone read the disk)
    - cpu_then_to: the path before it, `load_to_cpu` (diffusers' `FluxPipeline.from_pretrained` into host memory)
      then `pipe.to(device)`, each timed; safetensors maps the files, so part of the reading can happen in `.to()`
@@ -50,7 +50,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fluxserve.read_ahead import ReadAhead
+from fluxserve.weights.read_ahead import ReadAhead
 
 GB = 1e9
 GIB = 2**30

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from fluxserve.aot_blocks import PACKAGES_ENV
+from fluxserve.optimizations.aot_blocks import PACKAGES_ENV
 from fluxserve.contract import Limits, parse_sizes
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name

@@ -19,7 +19,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fluxserve.fp8_attention import emulated_fp8_attention, fp8_attention, fp8_attention_op, quantized_operands
+from fluxserve.optimizations.fp8_attention import (emulated_fp8_attention, fp8_attention, fp8_attention_op,
+                                                   quantized_operands)
 
 FLUX_SHAPE = (1, 4608, 24, 128)  # 1024x1024: 4096 image + 512 text tokens, 24 heads of 128
 

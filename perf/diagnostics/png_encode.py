@@ -1,5 +1,5 @@
 """What encoding the served PNG costs on this host: Pillow's encoder (zlib level 1, what the server used before)
-against `fluxserve.png.encode_png`, on a noise image (what synthetic weights produce) and a smooth one, at
+against `fluxserve.server.png.encode_png`, on a noise image (what synthetic weights produce) and a smooth one, at
 1024x1024. Best of `--repeats`; checks that both decode to the same pixels. Prints one JSON object (and writes
 it to `--out`).
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from fluxserve.png import encode_png
+from fluxserve.server.png import encode_png
 from perf.diagnostics.report import emit, repeated_run_arguments
 
 SIZE = 1024

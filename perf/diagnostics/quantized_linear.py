@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from fluxserve.optimize import apply_quantization
+from fluxserve.optimizations.apply import apply_quantization
 from fluxserve.pipeline import finished_time
 
 # (what, tokens, in features, out features): a double block's fused QKV, a single block's MLP input, a block's

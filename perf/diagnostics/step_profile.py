@@ -24,7 +24,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fluxserve.cuda_graph import eager_forward
+from fluxserve.optimizations.cuda_graph import eager_forward
 from fluxserve.pipeline import build_pipeline, finished_time
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source

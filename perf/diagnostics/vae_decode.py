@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from fluxserve.synthetic import build_synthetic_pipeline
+from fluxserve.weights.synthetic import build_synthetic_pipeline
 from perf.diagnostics.report import emit, repeated_run_arguments
 
 

@@ -11,7 +11,7 @@ blocks; otherwise it computes, caches the new residual and resets the sum. The f
 compute.
 
 diffusers' FluxPipeline passes no step index to the transformer, so the hook counts its calls. Knowing the last
-step needs the generation's step count: `fluxserve.optimize.set_cache_steps` sets
+step needs the generation's step count: `fluxserve.optimizations.apply.set_cache_steps` sets
 `TeaCacheConfig.num_inference_steps` before each one. The state is per generation and per cache context
 (FluxPipeline's "cond"): FluxPipeline resets stateful hooks at the end of every call, and `StackPipeline` before
 every request too (a cancelled one never reaches that end); each `apply_teacache` builds its own state, so

@@ -11,15 +11,15 @@ import time
 import numpy as np
 import torch
 
-from .contract import WARMUP_BUCKETS, GenerationRequest, Limits, parse_request, parse_sizes
-from .parallel import WorkerGroup
-from .parallel.group import Timeouts
-from .pipeline import build_pipeline, release_memory
+from ..contract import WARMUP_BUCKETS, GenerationRequest, Limits, parse_request, parse_sizes
+from ..parallel import WorkerGroup
+from ..parallel.group import Timeouts
+from ..pipeline import build_pipeline, release_memory
 from .placement import PlacementError, instance_gpus
 from .png import encode_png
-from .prompt_cache import ENTRIES_PARAMETER, PromptCache
-from .stacks import Stack
-from .weights import ENV_VAR, default_source, parse_source
+from ..prompt_cache import ENTRIES_PARAMETER, PromptCache
+from ..stacks import Stack
+from ..weights import ENV_VAR, default_source, parse_source
 
 log = logging.getLogger(__name__)
 

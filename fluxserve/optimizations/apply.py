@@ -12,7 +12,7 @@ import torch
 from .activations import gelu_tanh_as_sigmoid
 from .compile_shapes import BLOCK_SIZE_DIMS, TRANSFORMER_SIZE_DIMS, VAE_DECODE_SIZE_DIMS, SizeRouted
 from .cuda_graph import apply_cuda_graph
-from .stacks import FP8_MATMULS, FP8_QUANTIZATIONS, Stack
+from ..stacks import FP8_MATMULS, FP8_QUANTIZATIONS, Stack
 
 log = logging.getLogger(__name__)
 

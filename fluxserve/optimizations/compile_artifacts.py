@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .aot_blocks import describe_environment, environment
-from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV
-from .stacks import Stack
+from ..shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV
+from ..stacks import Stack
 
 log = logging.getLogger(__name__)
 

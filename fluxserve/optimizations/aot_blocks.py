@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .contract import MAX_SEQUENCE_LENGTH
-from .interpreter import PACKAGE_ROOT, child_environment, python_executable
-from .shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
+from ..contract import MAX_SEQUENCE_LENGTH
+from ..interpreter import PACKAGE_ROOT, child_environment, python_executable
+from ..shared_dirs import CACHE_HOME, COMPILE_CACHE_ENV, content_keyed_directory
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def inductor_config_kept():
 def check_in_child(folder: Path, device: torch.device) -> str | None:
     """Load and run each package of `folder` once in a child process, so that a loader that crashes (on the H200
     here, torch 2.11's segfaults on any CUDA package) takes the child down, not the server. None when they ran."""
-    command = [python_executable(), "-m", "fluxserve.aot_blocks", str(folder), str(device)]
+    command = [python_executable(), "-m", "fluxserve.optimizations.aot_blocks", str(folder), str(device)]
     try:
         done = subprocess.run(command, env=child_environment(), cwd=PACKAGE_ROOT, capture_output=True, text=True,
                               timeout=CHECK_TIMEOUT_S)
@@ -414,5 +414,5 @@ def paused(transformer):
             forward.paused = False
 
 
-if __name__ == "__main__":  # the child of check_in_child: python -m fluxserve.aot_blocks FOLDER DEVICE
+if __name__ == "__main__":  # the child of check_in_child: python -m fluxserve.optimizations.aot_blocks FOLDER DEVICE
     run_packages(Path(sys.argv[1]), torch.device(sys.argv[2]))
