@@ -1,4 +1,4 @@
-"""Regenerate deploy/ (Kubernetes manifests per GPU profile) from fluxserve/deployment.py; `--check` reports drift."""
+"""Regenerate deploy/ (Kubernetes manifests per GPU profile) from fluxserve/deployment/; `--check` reports drift."""
 
 import sys
 from pathlib import Path
