@@ -30,284 +30,34 @@ Needs a CUDA GPU for the build and the loads (`--device cpu` runs them on the CP
 `--build synthetic:tiny`); without one those phases fail with a message and the disk phases still run.
 
     python3 -m perf.diagnostics.cold_load --folder /tmp/flux-saved --out $OUT/cold_load.json
+
+The run is here; the page-cache helpers are in perf/diagnostics/page_cache.py, the build, loads and checksums in
+perf/diagnostics/pipeline_loads.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
-import hashlib
 import json
-import mmap
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from fluxserve.weights.read_ahead import ReadAhead
+from perf.diagnostics.page_cache import GB, evict, filesystem_of, folder_files, make_cold, read_speed, residency
+from perf.diagnostics.page_cache import fincore_bytes, resident_bytes  # noqa: F401  (tests/test_cold_load.py's)
+from perf.diagnostics.pipeline_loads import VARIANTS, build_and_save, free, model_checksums, require_device, time_load
 
-GB = 1e9
-GIB = 2**30
-CHUNK = 64 * 2**20  # one sequential read
 TARGET_S = 30.0
-VARIANTS = ("load_pipeline", "onto_device_no_read_ahead", "cpu_then_to")
 SYNTHETIC_FULL_GB = 34.0  # what synthetic:full takes on disk, about (for the free-space check)
 
 
 def log(message: str) -> None:
     print(f"cold_load [{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# --- files and the page cache -----------------------------------------------------------------------------------
-
-
-def folder_files(folder: Path) -> list[Path]:
-    """Every regular file under `folder`, sorted by path (the order diffusers loads the models in, by name)."""
-    return sorted(path for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
-
-
-def filesystem_of(path: Path) -> dict:
-    """The mount holding `path` (longest mount-point prefix in /proc/self/mounts): mount point, type, device."""
-    real = os.path.realpath(path)
-    best = {"mount_point": None, "type": None, "device": None}
-    try:
-        with open("/proc/self/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best["mount_point"] or ""):
-                    best = {"mount_point": point, "type": fields[2], "device": fields[0]}
-    except OSError as exc:
-        best["error"] = str(exc)
-    if best["type"] in ("tmpfs", "ramfs"):
-        best["warning"] = f"{best['type']} keeps files in memory: they cannot be made cold"
-    return best
-
-
-_libc = None
-
-
-def _mincore_libc():
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        _libc = libc
-    return _libc
-
-
-def resident_bytes(path: Path, window: int = GIB) -> int:
-    """Bytes of `path` in the page cache, by mincore(2) on a shared read-only mapping of it, window by window."""
-    import numpy as np
-
-    libc = _mincore_libc()
-    page = mmap.PAGESIZE
-    size = os.path.getsize(path)
-    resident = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in range(0, size, window):
-            length = min(window, size - offset)
-            address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-            if address in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
-            try:
-                pages = (length + page - 1) // page
-                vector = (ctypes.c_ubyte * pages)()
-                if libc.mincore(address, length, vector) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
-                in_cache = np.frombuffer(vector, dtype=np.uint8) & 1
-                resident += int(in_cache.sum()) * page
-                if in_cache[-1]:  # the last page counts only its part of the file
-                    resident -= pages * page - length
-            finally:
-                libc.munmap(address, length)
-    finally:
-        os.close(fd)
-    return resident
-
-
-def fincore_bytes(path: Path) -> int | None:
-    """util-linux `fincore`'s count of `path`'s resident bytes (a cross-check of mincore); None without it."""
-    if shutil.which("fincore") is None:
-        return None
-    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise OSError(f"fincore: {done.stderr.strip()}")
-    return int(done.stdout.split()[0])
-
-
-def drop_caches() -> dict:
-    """`sync; echo 3 > /proc/sys/vm/drop_caches`: the whole page cache (root, and /proc/sys writable)."""
-    started = time.perf_counter()
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as control:
-            control.write("3\n")
-        return {"ok": True, "s": round(time.perf_counter() - started, 3)}
-    except OSError as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-
-
-def evict(path: Path) -> None:
-    """Flush `path`'s dirty pages (DONTNEED skips those) and drop its clean ones from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def residency(files: list[Path]) -> dict:
-    """Resident bytes of `files` (mincore), as GB and as a fraction of their size."""
-    total = sum(path.stat().st_size for path in files)
-    resident = sum(resident_bytes(path) for path in files)
-    return {"resident_gb": round(resident / GB, 3), "resident_fraction": round(resident / total, 4) if total else 0.0}
-
-
-def make_cold(files: list[Path], try_drop_caches: bool = True) -> dict:
-    """Evict `files` from the page cache (drop_caches if allowed, fadvise always) and check that it worked."""
-    record: dict = {}
-    try:
-        record["before"] = residency(files)
-    except Exception as exc:  # noqa: BLE001 - the check is optional, the eviction is not
-        record["before"] = {"error": f"{type(exc).__name__}: {exc}"}
-    if try_drop_caches:
-        record["drop_caches"] = drop_caches()
-    else:
-        record["drop_caches"] = {"ok": False, "error": "not tried (--no-drop-caches)"}
-    started = time.perf_counter()
-    for path in files:
-        evict(path)
-    record["fadvise_files"] = len(files)
-    record["fadvise_s"] = round(time.perf_counter() - started, 3)
-    record["method"] = "drop_caches" if record["drop_caches"]["ok"] else "fadvise_dontneed"
-    try:
-        record["after"] = residency(files)
-        record["verify_tool"] = "mincore"
-        record["verified"] = record["after"]["resident_fraction"] <= 0.01
-    except Exception as exc:  # noqa: BLE001
-        record["after"] = {"error": f"{type(exc).__name__}: {exc}"}
-        record["verified"] = None
-    if files:
-        largest = max(files, key=lambda path: path.stat().st_size)
-        try:
-            record["fincore_largest_bytes"] = fincore_bytes(largest)
-        except Exception as exc:  # noqa: BLE001
-            record["fincore_largest_bytes"] = f"{type(exc).__name__}: {exc}"
-    return record
-
-
-def read_speed(path: Path, limit_bytes: int | None = None, chunk: int = CHUNK) -> dict:
-    """Read `path` (its first `limit_bytes`) in `chunk`-sized sequential reads on one thread: bytes, s, GB/s."""
-    buffer = mmap.mmap(-1, chunk)  # anonymous: its pages are touched by the reads, not zeroed up front
-    size = os.path.getsize(path)
-    want = size if limit_bytes is None else min(size, limit_bytes)
-    done = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        started = time.perf_counter()
-        while done < want:
-            got = os.preadv(fd, [memoryview(buffer)[: min(chunk, want - done)]], done)
-            if got == 0:
-                break
-            done += got
-        seconds = time.perf_counter() - started
-    finally:
-        os.close(fd)
-    return {"file": str(path), "bytes": done, "s": round(seconds, 3),
-            "gb_s": round(done / GB / seconds, 3) if seconds > 0 else None}
-
-
-# --- pipelines ---------------------------------------------------------------------------------------------------
-
-
-def model_checksums(pipe) -> dict[str, str]:
-    """Per model of the pipeline, a digest of its state dict: names, shapes and, per tensor, the exact integer sum
-    of its values' float32 bit patterns (independent of the dtype a model keeps a layer in: bf16 -> fp32 is exact)."""
-    import torch
-
-    digests = {}
-    for name, component in sorted(pipe.components.items()):
-        if not isinstance(component, torch.nn.Module):
-            continue
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for key, tensor in sorted(component.state_dict().items()):
-                if tensor.is_floating_point():
-                    total = tensor.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
-                else:
-                    total = tensor.detach().to(torch.int64).sum()
-                digest.update(f"{key}:{tuple(tensor.shape)}:{int(total.item())};".encode())
-        digests[name] = digest.hexdigest()[:16]
-    return digests
-
-
-def pipeline_bytes(pipe) -> int:
-    import torch
-
-    return sum(tensor.numel() * tensor.element_size() for component in pipe.components.values()
-               if isinstance(component, torch.nn.Module) for tensor in component.state_dict().values())
-
-
-def free(device) -> None:
-    import torch
-
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def rss_gb() -> dict:
-    """This process's resident memory, GB: anonymous (copies: tensors in host memory) and file-backed (mapped
-    files: safetensors' mmap)."""
-    found = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                key = line.split(":")[0]
-                if key in ("VmRSS", "RssAnon", "RssFile"):
-                    found[key] = round(int(line.split()[1]) * 1024 / GB, 3)
-    except OSError:
-        pass
-    return found
-
-
-def save_pipeline(pipe, folder: Path) -> dict:
-    """`pipe.save_pretrained` into FOLDER.partial, flushed to the disk, then renamed FOLDER: a save cut short never
-    leaves a FOLDER with model_index.json and missing shards."""
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    started = time.perf_counter()
-    pipe.save_pretrained(partial)
-    save_s = time.perf_counter() - started
-    started = time.perf_counter()
-    os.sync()
-    sync_s = time.perf_counter() - started
-    if folder.exists():
-        folder.rmdir()  # checked empty by the caller
-    partial.rename(folder)
-    return {"save_s": round(save_s, 3), "sync_s": round(sync_s, 3)}
-
-
-# --- the run -----------------------------------------------------------------------------------------------------
 
 
 class Run:
@@ -391,14 +141,6 @@ def host() -> dict:
     return info
 
 
-def require_device(device) -> None:
-    import torch
-
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"needs a CUDA GPU for --device {device}, and torch.cuda.is_available() is False on this "
-                           "host: this phase loads onto the GPU (--device cpu runs it on the CPU)")
-
-
 def folder_record(folder: Path) -> dict:
     files = folder_files(folder)
     if not (folder / "model_index.json").is_file():
@@ -409,75 +151,6 @@ def folder_record(folder: Path) -> dict:
             "safetensors_files": sum(path.suffix == ".safetensors" for path in files),
             "largest_file": str(largest.relative_to(folder)), "largest_gb": round(sizes[largest] / GB, 3),
             "filesystem": filesystem_of(folder)}
-
-
-def build_and_save(folder: Path, build: str, device) -> dict:
-    """Build `build` (a synthetic:SIZE source) on `device`, checksum it, save it as `folder`, free the device."""
-    import torch
-
-    from fluxserve.pipeline import finished_time
-    from fluxserve.weights import load_pipeline, parse_source
-
-    require_device(device)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} exists without model_index.json and is not empty: not overwriting it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    pipe = load_pipeline(parse_source(build), torch.bfloat16, device)
-    try:
-        record = {"source": build, "build_s": round(finished_time(device) - started, 3)}
-        size = pipeline_bytes(pipe)
-        free_bytes = shutil.disk_usage(folder.parent).free
-        if free_bytes < size * 1.05:
-            raise OSError(f"{folder.parent} has {free_bytes / GB:.1f} GB free, the pipeline needs {size / GB:.1f} GB")
-        record["checksums"] = model_checksums(pipe)
-        record.update(save_pipeline(pipe, folder))
-    finally:
-        del pipe
-        free(device)
-    record["size_gb"] = round(sum(path.stat().st_size for path in folder_files(folder)) / GB, 3)
-    return record
-
-
-def time_load(variant: str, folder: Path, device, threads: int) -> tuple[dict, object]:
-    """One load of `folder` onto `device` by `variant`: its time (until on the device), breakdown and the pipeline."""
-    import torch
-
-    from fluxserve import weights
-    from fluxserve.pipeline import finished_time
-
-    require_device(device)
-    source = weights.parse_source(str(folder))
-    dtype = torch.bfloat16
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    record: dict = {"variant": variant}
-    started = time.perf_counter()
-    if variant == "load_pipeline":
-        pipe = weights.load_pipeline(source, dtype, device)
-        loaded = finished_time(device)
-    elif variant == "cpu_then_to":
-        pipe = weights.load_to_cpu(source, dtype)
-        on_cpu = time.perf_counter()
-        record["rss_gb_on_cpu"] = rss_gb()
-        pipe.to(device)
-        loaded = finished_time(device)
-        record["breakdown_s"] = {"from_pretrained_cpu": round(on_cpu - started, 3),
-                                 "to_device": round(loaded - on_cpu, 3)}
-    elif variant == "onto_device_no_read_ahead":
-        timings: dict[str, float] = {}
-        pipe = weights.load_onto_device(source, dtype, device, timings=timings, read_ahead_threads=0)
-        loaded = finished_time(device)
-        record["breakdown_s"] = timings
-    else:
-        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
-    record["load_s"] = round(loaded - started, 3)
-    record["on_device"] = sorted({str(p.device) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-                                  for p in c.parameters()})
-    if device.type == "cuda":
-        record["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / GB, 3)
-    record["rss_gb"] = rss_gb()
-    return record, pipe
 
 
 def measure_load(run: Run, variant: str, folder: Path, device, args, cold: bool, reference: dict) -> dict:
