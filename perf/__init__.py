@@ -1,9 +1,11 @@
 """Performance tools for the fluxserve models: Locust users (`locustfile.py`) and the stack sweep (`sweep.py`).
 
-Shared here: the built-in prompt set and the latency summary both report (Average, Min, P50, P90, P99)."""
+Shared here: the built-in prompt set, the latency summary both report (Average, Min, P50, P90, P99) and the
+argument types of the command lines (`sweep.py`, `mixed_traffic.py`)."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,3 +48,16 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(name) + 2) for name in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def positive(text: str) -> int:
+    """An argparse type for counts (requests, concurrency): at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated argument's names (`--models a,b`), blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]

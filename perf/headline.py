@@ -21,8 +21,11 @@ from pathlib import Path
 
 from fluxserve.stacks import catalog_by_name
 from perf import markdown_table
+from perf.chart import write_chart
+from perf.environment import write_runs
 from perf.merge import catalog_order, merge_runs
-from perf.sweep import Row, read_rows, speedup, table, write_chart, write_rows, write_runs
+from perf.report import table
+from perf.rows import Row, read_rows, speedup, write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 from fluxserve.stacks import CATALOG
-from perf.sweep import DIRECT_SUFFIX, Row, read_rows, read_runs, write_reports, write_rows, write_runs
+from perf.environment import read_runs, write_runs
+from perf.report import write_reports
+from perf.rows import DIRECT_SUFFIX, Row, read_rows, write_rows
 
 CATALOG_ORDER = {stack.name: index for index, stack in enumerate(CATALOG)}
 

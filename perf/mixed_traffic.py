@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from client import LIMITS, PROTOCOLS, FluxClient, GenerateRequest, InferenceServerException
-from perf import load_prompts, markdown_table
-from perf.sweep import environment, gpu_name, names, positive
+from perf import load_prompts, markdown_table, names, positive
+from perf.environment import environment, gpu_name
 from perf.traffic import SIZES_FORM, SizeMix, sizes_argument, write_steady_p50
 
 ROOT = Path(__file__).resolve().parent.parent

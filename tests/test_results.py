@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from fluxserve.stacks import catalog_by_name
 from perf import headline
-from perf.sweep import read_rows, write_rows
+from perf.rows import read_rows, write_rows
 
 RESULTS = ROOT / "perf" / "results"
 GPU_FOLDERS = [folder for folder in sorted(RESULTS.iterdir()) if folder.is_dir() and headline.run_folders(folder)]

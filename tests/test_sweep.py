@@ -179,7 +179,7 @@ def test_chart_plots_the_csv_numbers(first_run):
 
 def synthetic_row(name: str, p50_s: float, steps_computed: float = 28.0):
     """A results row as a sweep writes it, without measuring anything."""
-    from perf.sweep import DIRECT_SUFFIX, Config, Row
+    from perf.rows import DIRECT_SUFFIX, Config, Row
 
     config = Config("http", 1024, 1024, 28, 3.5, 10, 1, 0, "3ee57c87")
     return Row(name=name, mode="direct" if name.endswith(DIRECT_SUFFIX) else "server", config=config, count=10,
@@ -210,7 +210,7 @@ CHART_ROWS = {  # name: (P50 s, steps computed, family)
 
 
 def test_chart_sorts_by_latency_and_colours_by_family(tmp_path):
-    from perf.sweep import FAMILIES, chart_family, write_chart
+    from perf.chart import FAMILIES, chart_family, write_chart
 
     from fluxserve.stacks import CATALOG
 
@@ -230,8 +230,9 @@ def test_chart_sorts_by_latency_and_colours_by_family(tmp_path):
 
 
 def test_merge_without_sources_draws_the_reports_again(tmp_path):
+    from perf.environment import read_runs, write_runs
     from perf.merge import catalog_order
-    from perf.sweep import read_runs, write_rows, write_runs
+    from perf.rows import write_rows
 
     folder = tmp_path / "h200"
     folder.mkdir()
@@ -280,13 +281,13 @@ def test_rerun_skips_finished_stacks_and_goes_on_past_a_failing_one(server, firs
 @pytest.mark.parametrize("name,slug", [("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"),
                                        (None, "cpu")])
 def test_results_folder_is_named_for_the_gpu(name, slug):
-    from perf.sweep import gpu_slug
+    from perf.environment import gpu_slug
 
     assert gpu_slug(name) == slug
 
 
 def test_results_csv_of_an_older_version_gains_the_new_columns(first_run, tmp_path):
-    from perf.sweep import append_row, read_rows
+    from perf.rows import append_row, read_rows
 
     output, _ = first_run
     rows = csv_rows(output)
@@ -319,7 +320,8 @@ def test_gpu_sweep_refuses_a_plan_with_more_shards_than_gpus(tmp_path):
 def test_merge_replaces_rows_by_name_but_keeps_one_runs_baseline(first_run, tmp_path):
     import dataclasses
 
-    from perf.sweep import read_rows, read_runs, write_rows, write_runs
+    from perf.environment import read_runs, write_runs
+    from perf.rows import read_rows, write_rows
 
     output, _ = first_run
     measured = {row.name: row for row in read_rows(output / "results.csv")}

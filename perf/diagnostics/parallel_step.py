@@ -34,7 +34,7 @@ from fluxserve.pipeline import build_pipeline, release_memory
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
 from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
-from perf.sweep import psnr
+from perf.measure import psnr
 
 MULTI_GPU_STACKS = sorted(name for name, stack in catalog_by_name().items() if stack.gpus > 1)
 COLLECTIVE_MARKERS = ("nccl", "gloo", "all_to_all", "alltoall", "all_gather", "allgather", "broadcast")
