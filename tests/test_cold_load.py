@@ -113,7 +113,9 @@ def test_a_whole_run_builds_saves_evicts_reads_and_loads(tmp_path, monkeypatch, 
     assert set(summary["cold_breakdown_s"]["cpu_then_to"]) == {"from_pretrained_cpu", "to_device"}
     assert set(summary["cold_breakdown_s"]["onto_device_no_read_ahead"]) == set(report["build"]["checksums"])
     assert summary["warm_variant"] == summary["fastest_cold"] and summary["warm_load_s"] > 0
-    assert report["warm"]["cache_before"]["resident_fraction"] == 1.0
+    # the warm load starts from a cached folder (the host may have evicted a few pages meanwhile: 0.9993 seen on a
+    # 2-core machine running other tests beside it)
+    assert report["warm"]["cache_before"]["resident_fraction"] >= 0.99
     assert report["versions"]["diffusers"] and report["versions"]["safetensors"]
 
     # Again on the saved folder, onto a GPU: not built again; without a GPU the loads fail saying so.
