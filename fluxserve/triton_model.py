@@ -28,20 +28,22 @@ def error_code(exc: Exception):
     }[type(exc)]
 
 
+def model_counters(model_name: str, counters: dict[str, str]) -> tuple[list, list]:
+    """Prometheus counters on Triton's metrics endpoint (name -> description), one metric each for the model: the
+    families, which must outlive their metrics (Triton deletes a family's metrics with it), and the metrics."""
+    families = [pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+                for name, description in counters.items()]
+    return families, [family.Metric(labels={"model": model_name}) for family in families]
+
+
 class StepMetrics:
-    """Prometheus counters on Triton's metrics endpoint: denoising steps computed and skipped per model."""
+    """Denoising steps computed and skipped per model."""
 
     def __init__(self, model_name: str) -> None:
-        labels = {"model": model_name}
-        # The families must outlive their metrics: Triton deletes a family's metrics with it.
-        self.families = [
-            pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-            for name, description in (
-                ("fluxserve_steps_computed_total", "Transformer steps really computed (cache-skipped excluded)"),
-                ("fluxserve_steps_skipped_total", "Transformer steps a step cache skipped (reused, not computed)"),
-            )
-        ]
-        self.computed, self.skipped = (family.Metric(labels=labels) for family in self.families)
+        self.families, (self.computed, self.skipped) = model_counters(model_name, {
+            "fluxserve_steps_computed_total": "Transformer steps really computed (cache-skipped excluded)",
+            "fluxserve_steps_skipped_total": "Transformer steps a step cache skipped (reused, not computed)",
+        })
 
     def observe(self, request, generation) -> None:
         self.computed.increment(generation.steps_computed)
@@ -49,19 +51,14 @@ class StepMetrics:
 
 
 class PromptCacheMetrics:
-    """Prometheus counters of the prompt cache per model: prompts it served and prompts the text encoders encoded
-    (both stay at zero while the cache is off)."""
+    """The prompt cache per model: prompts it served and prompts the text encoders encoded (both stay at zero while
+    the cache is off)."""
 
     def __init__(self, model_name: str) -> None:
-        labels = {"model": model_name}
-        self.families = [  # kept for as long as their metrics, as StepMetrics keeps its own
-            pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-            for name, description in (
-                ("fluxserve_prompt_cache_hits_total", "Requests whose prompt embeddings the prompt cache served"),
-                ("fluxserve_prompt_cache_misses_total", "Requests whose prompt the text encoders encoded (cache on)"),
-            )
-        ]
-        self.hits, self.misses = (family.Metric(labels=labels) for family in self.families)
+        self.families, (self.hits, self.misses) = model_counters(model_name, {
+            "fluxserve_prompt_cache_hits_total": "Requests whose prompt embeddings the prompt cache served",
+            "fluxserve_prompt_cache_misses_total": "Requests whose prompt the text encoders encoded (cache on)",
+        })
 
     def observe(self, request, generation) -> None:
         if generation.prompt_cache is not None:
