@@ -399,14 +399,15 @@ def test_locust_job_calls_the_service_and_keeps_its_table(folder):
     assert job["spec"]["backoffLimit"] == 0
 
 
-def test_dashboard_shows_latency_queue_throughput_steps_and_gpus():
+def test_dashboard_shows_latency_queue_throughput_steps_prompt_cache_and_gpus():
     text = (DEPLOY / "monitoring" / deployment.DASHBOARD_FILE).read_text()
     config_map = only(DEPLOY / "monitoring", "ConfigMap")
     assert config_map["data"][deployment.DASHBOARD_FILE] == text
     board = json.loads(text)
     expressions = " ".join(target["expr"] for panel in board["panels"] for target in panel["targets"])
-    counters = re.findall(r'"(fluxserve_steps_\w+_total)"', (ROOT / "fluxserve" / "triton_model.py").read_text())
-    assert sorted(counters) == ["fluxserve_steps_computed_total", "fluxserve_steps_skipped_total"]
+    counters = re.findall(r'"(fluxserve_\w+_total)"', (ROOT / "fluxserve" / "triton_model.py").read_text())
+    assert sorted(counters) == ["fluxserve_prompt_cache_hits_total", "fluxserve_prompt_cache_misses_total",
+                                "fluxserve_steps_computed_total", "fluxserve_steps_skipped_total"]
     for metric in [*counters, 'nv_inference_request_summary_us', 'quantile="0.5"', 'quantile="0.99"',
                    "nv_inference_queue_duration_us", "nv_inference_request_success", "DCGM_FI_DEV_GPU_UTIL",
                    "DCGM_FI_DEV_FB_USED"]:

@@ -49,6 +49,10 @@ PANELS = (
         (f"sum by (model) (rate(fluxserve_steps_computed_total{{{MODEL_MATCH}}}{RATE}))", "{{model}} computed"),
         (f"sum by (model) (rate(fluxserve_steps_skipped_total{{{MODEL_MATCH}}}{RATE}))", "{{model}} skipped"),
     )),
+    ("Prompt cache: prompts served from it and encoded, per second (models with prompt_cache_entries)", "reqps", (
+        (f"sum by (model) (rate(fluxserve_prompt_cache_hits_total{{{MODEL_MATCH}}}{RATE}))", "{{model}} hits"),
+        (f"sum by (model) (rate(fluxserve_prompt_cache_misses_total{{{MODEL_MATCH}}}{RATE}))", "{{model}} misses"),
+    )),
     ("GPU utilisation (DCGM)", "percent", ((_dcgm("DCGM_FI_DEV_GPU_UTIL"), "{{Hostname}} GPU {{gpu}}"),)),
     ("GPU memory used (DCGM)", "mbytes", ((_dcgm("DCGM_FI_DEV_FB_USED"), "{{Hostname}} GPU {{gpu}}"),)),
 )
