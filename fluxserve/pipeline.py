@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from .optimizations.aot_blocks import block_forward, paused
+from .optimizations.aot_blocks import paused
 from .optimizations.compile_artifacts import load_artifact, save_artifact
 from .optimizations.compile_shapes import allow_specialisations, specialised_code
 from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
@@ -49,14 +49,15 @@ class StepCounter:
     a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
     torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
     cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
-    graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time package,
-    or compiled code that no cache decides under (`optimizations.apply.counted_forward`), calls the counter from its forward,
-    where the cache's skip decision has already been taken: a hook inside would compile the last block apart."""
+    graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time
+    package, or compiled code that no cache decides under (`optimizations.apply.counted_forward`), calls the
+    counter from its forward, where the cache's skip decision has already been taken: a hook inside would compile
+    the last block apart."""
 
     def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
         last = transformer.single_transformer_blocks[-1]
-        below_cache = block_forward(last) if block_forward(last) is not None else counted_forward(last)
+        below_cache = counted_forward(last)
         if below_cache is not None and not whole_forward:  # a package or compiled code no cache decides under
             below_cache.pre_hooks.append(self._increment)
         else:
@@ -260,8 +261,8 @@ class StackPipeline:
                     continue
                 started = time.perf_counter()
                 self.generate(dataclasses.replace(request, height=height, width=width))
-                log.info("warm-up at %dx%d%s: %.1f s", height, width,
-                         " (specialised)" if (height, width) in specialised else "", finished_time(self.device) - started)
+                log.info("warm-up at %dx%d%s: %.1f s", height, width, " (specialised)" if (height, width) in specialised
+                         else "", finished_time(self.device) - started)
                 if (height, width) not in self.warm_up_sizes:
                     self.warm_up_sizes.append((height, width))
         seal_cuda_graphs(self.pipe.transformer)
@@ -303,9 +304,9 @@ def build_pipeline(
     """Load the weights, apply the stack and warm up (compiling, when the stack compiles).
 
     `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
-    `dynamic_shapes`: compiled code serves every size (`optimizations.apply.apply_compile`); off, it is specialised to the
-    sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by requests
-    at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use (`prompt_cache`), given
+    `dynamic_shapes`: compiled code serves every size (`optimizations.apply.apply_compile`); off, it is specialised
+    to the sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by
+    requests at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use (`prompt_cache`), given
     to the pipeline after the warm-up so that it holds and counts requests alone (context-parallel workers build
     without one). A compiled stack first fills its compile caches from its portable artifact, when there is
     one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).

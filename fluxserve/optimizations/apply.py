@@ -349,10 +349,10 @@ def compile_block_forwards(transformer, dynamic: bool = True) -> None:
             setattr(block, COUNTED_FORWARD, block.forward)
 
 
-def counted_forward(block: torch.nn.Module) -> SizeRouted | None:
-    """The block's compiled forward when no step cache decides inside or under it: its `pre_hooks` run once per
-    computed step, outside the compiled graph (a hook inside the block would compile that block apart, with a
-    graph break)."""
+def counted_forward(block: torch.nn.Module):
+    """The block's forward when no step cache decides inside or under it (compiled code: `SizeRouted`; an
+    ahead-of-time package: `aot_blocks.BlockForward`): its `pre_hooks` run once per computed step, outside the
+    compiled graph (a hook inside the block would compile that block apart, with a graph break)."""
     return getattr(block, COUNTED_FORWARD, None)
 
 
@@ -371,6 +371,10 @@ def apply_ahead_of_time(transformer, stack: Stack, device: torch.device) -> bool
         aot_blocks.counters["fallbacks"] += 1
         log.warning("stack %s: %s; compiling with torch.compile instead", stack.name, error)
         return False
+    for block in transformer.modules():  # a package runs below any step cache: the step counter may count it
+        forward = aot_blocks.block_forward(block)
+        if forward is not None:
+            setattr(block, COUNTED_FORWARD, forward)
     log.info("stack %s: blocks run the ahead-of-time packages in %s", stack.name, used)
     return True
 

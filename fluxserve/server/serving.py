@@ -62,13 +62,10 @@ def warm_up_sizes(parameters: dict[str, str], limits: Limits, gpus: int) -> list
     """The sizes a load runs, the first in full: the model's `warmup_sizes` parameter, else FLUXSERVE_WARMUP_SIZES
     (the launcher's --warmup-sizes), else its default size and the usual buckets. Only compiled or graphed stacks
     run more than the first (`StackPipeline.warm_up`)."""
-    sizes = sizes_setting(parameters, "warmup_sizes", WARMUP_SIZES_ENV, limits, gpus)
+    sizes = sizes_setting(parameters, "warmup_sizes", WARMUP_SIZES_ENV, limits, gpus, none_allowed=False)
     if sizes is None:
         return [(limits.default_size, limits.default_size),
                 *(size for size in WARMUP_BUCKETS if size != (limits.default_size, limits.default_size))]
-    if not sizes:
-        where = "parameter warmup_sizes" if parameters.get("warmup_sizes") else WARMUP_SIZES_ENV
-        raise ValueError(f"{where}: {NO_SIZES!r} is not allowed: a load runs at least one size")
     return sizes
 
 
@@ -84,15 +81,19 @@ def specialised_sizes(parameters: dict[str, str], limits: Limits, gpus: int, on_
     return sizes
 
 
-def sizes_setting(parameters: dict[str, str], name: str, env: str, limits: Limits, gpus: int):
+def sizes_setting(parameters: dict[str, str], name: str, env: str, limits: Limits, gpus: int,
+                  none_allowed: bool = True):
     """A list of sizes from the model's parameter `name`, else the environment variable `env`: None when neither
-    is set, [] for 'none'; a ValueError names where a bad size came from."""
+    is set, [] for 'none' (when `none_allowed`); a ValueError names where a bad value came from."""
     text = parameters.get(name) or os.environ.get(env, "")
+    where = f"parameter {name}" if parameters.get(name) else env
     if not text.strip():
         return None
     if text.strip().lower() == NO_SIZES:
+        if not none_allowed:
+            raise ValueError(f"{where}: {NO_SIZES!r} is not allowed: a load runs at least one size")
         return []
-    return parse_sizes(text, limits, gpus, field=f"parameter {name}" if parameters.get(name) else env)
+    return parse_sizes(text, limits, gpus, field=where)
 
 
 class RequestCancelled(RuntimeError):
