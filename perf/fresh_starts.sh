@@ -4,8 +4,8 @@
 #
 #   bash perf/fresh_starts.sh PLAN OUTPUT [STEPS]
 #
-# 1. OUTPUT/cold:  empty Inductor and Triton caches and no artifact (a new pod without the cache volume): the loads compile
-#                  and write their artifacts to OUTPUT/artifacts (fluxserve.optimizations.compile_artifacts).
+# 1. OUTPUT/cold:  empty Inductor and Triton caches and no artifact (a new pod without the cache volume): the loads
+#                  compile and write their artifacts to OUTPUT/artifacts (fluxserve.optimizations.compile_artifacts).
 # 2. OUTPUT/fresh: other empty caches and the artifacts of step 1 (a new pod with them shipped or mounted).
 # Each step serves the plan's models and runs perf.mixed_traffic without the open loop (perf/mixed_traffic.sh,
 # --duration 0): ready.txt (seconds until every model was ready), server.log (each model's load and its phases),

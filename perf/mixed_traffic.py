@@ -77,7 +77,8 @@ def measure_steady_p50(client: FluxClient, models: list[str], mix: SizeMix, requ
         p50s[model, size.label] = float(np.median([result.latency_s for result in results[1:]]))
         firsts[model, size.label] = FirstRequest(results[0].latency_s, p50s[model, size.label],
                                                  results[0].info.get("compiled_in_request", {}))
-        loads.setdefault(model, {field: results[0].info.get(field) for field in LOAD_FIELDS})
+        if model not in loads:
+            loads[model] = {field: results[0].info.get(field) for field in LOAD_FIELDS}
         print(f"{model} {size.label}: first {results[0].latency_s:.3f} s, steady P50 {p50s[model, size.label]:.3f} s",
               file=sys.stderr, flush=True)
     return p50s, firsts, loads

@@ -74,8 +74,8 @@ def test_packages_are_keyed_by_this_packages_own_source_too(tmp_path, monkeypatc
     monkeypatch.setattr(aot_blocks, "PACKAGE_ROOT", tmp_path)
     aot_blocks.source_digest.cache_clear()
     before = aot_blocks.environment(CPU)["fluxserve"]
-    optimize = tmp_path / "fluxserve" / "optimizations" / "apply.py"
-    optimize.write_text(optimize.read_text() + "\n# another version\n")
+    source = tmp_path / "fluxserve" / "optimizations" / "apply.py"
+    source.write_text(source.read_text() + "\n# another version\n")
     aot_blocks.source_digest.cache_clear()
     assert aot_blocks.environment(CPU)["fluxserve"] != before
     aot_blocks.source_digest.cache_clear()

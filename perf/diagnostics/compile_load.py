@@ -4,7 +4,7 @@ Run it twice with the same TORCHINDUCTOR_CACHE_DIR and FLUXSERVE_AOT_PACKAGES (c
 (perf/diagnostics/compile_loads.sh does both). Prints one JSON line: the load's phases, what torch.compile compiled
 and what its caches served, and a few requests' latency; with --sizes, then the first request at each of those sizes
 (its latency and what it compiled). Run once with --static-shapes and once without to compare code specialised to
-the warm-up size with code that serves every size (`optimize.apply_compile`), at the timed size and at new ones.
+the warm-up size with code that serves every size (`optimizations.apply.apply_compile`), at the timed size and at new ones.
 
     python3 -m perf.diagnostics.compile_load --stack bf16-cudnn-fp8-fusedqkv-compile-regional
     python3 -m perf.diagnostics.compile_load --stack STACK --static-shapes --sizes 512x512,768x1344
@@ -41,15 +41,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_request_arguments(parser, requests=3)
     parser.add_argument("--static-shapes", action="store_true",
                         help="compile for the warm-up size alone, as the stacks did before dynamic shapes")
-    parser.add_argument("--sizes", type=lambda text: parse_sizes(text, Limits(), field="--sizes"), default=[],
-                        metavar="HxW,...", help="after the timed requests, one request at each of these sizes")
-    parser.add_argument("--warm-up-sizes", type=lambda text: parse_sizes(text, Limits(), field="--warm-up-sizes"),
-                        default=[], metavar="HxW,...", help="other sizes the load warms up at, as the server's do")
-    parser.add_argument("--specialised-sizes", type=lambda text: parse_sizes(text, Limits(), field="--specialised-sizes"),
-                        default=[], metavar="HxW,...", help="sizes the load also compiles code for alone")
+    for flag, help in (("--sizes", "after the timed requests, one request at each of these sizes"),
+                       ("--warm-up-sizes", "other sizes the load warms up at, as the server's do"),
+                       ("--specialised-sizes", "sizes the load also compiles code for alone")):
+        parser.add_argument(flag, type=lambda text, flag=flag: size_list(text, flag), default=[], metavar="HxW,...",
+                            help=help)
     parser.add_argument("--profile", metavar="FILE", help="write the load's cProfile (top functions by cumulative "
                         "time) and torch.compile's own phase times to FILE")
     return parser.parse_args(argv)
+
+
+def size_list(text: str, flag: str) -> list[tuple[int, int]]:
+    """argparse type of a list of sizes: the contract's own check, its message naming the flag."""
+    try:
+        return parse_sizes(text, Limits(), field=flag)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def write_profile(profiler: cProfile.Profile, path: str) -> None:
