@@ -19,7 +19,8 @@ from .optimizations.aot_blocks import paused
 from .optimizations.compile_artifacts import load_artifact, save_artifact
 from .optimizations.compile_shapes import allow_specialisations, specialised_code
 from .contract import MAX_SEQUENCE_LENGTH, GenerationRequest
-from .optimizations.cuda_graph import eager_forward, seal_cuda_graphs
+from .optimizations.cuda_graph import apply_text_encoder_graphs, eager_forward, seal_cuda_graphs
+from .optimizations.scheduled_cache import scheduled_cache
 from .optimizations.apply import (TORCH_DTYPES, apply_vae_compile, check_supported, counted_forward,
                                   optimize_transformer, set_cache_steps)
 from .prompt_cache import PromptCache
@@ -47,18 +48,22 @@ class StepCounter:
 
     The pre-hook sits on a module inside the last single block: a hook on the block itself still fires when
     a step cache skips it (the cache replaces the block's forward, not its call). It runs eagerly, outside
-    torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs has no step
-    cache, so every forward computes every block: there the hook sits on the transformer itself, outside the
+    torch.compile's graphs (one graph break in the last block). A stack replaying CUDA graphs without a step
+    cache computes every block on every forward: there the hook sits on the transformer itself, outside the
     graph (a hook inside would run only while the graph is captured). A last block running an ahead-of-time
     package, or compiled code that no cache decides under (`optimizations.apply.counted_forward`), calls the
     counter from its forward, where the cache's skip decision has already been taken: a hook inside would compile
-    the last block apart."""
+    the last block apart. A step cache in its scheduled form (`scheduled_cache`, under CUDA graphs) calls it
+    before every step it computes."""
 
     def __init__(self, transformer, whole_forward: bool = False) -> None:
         self.count = 0
         last = transformer.single_transformer_blocks[-1]
         below_cache = counted_forward(last)
-        if below_cache is not None and not whole_forward:  # a package or compiled code no cache decides under
+        scheduled = scheduled_cache(transformer)
+        if scheduled is not None:
+            scheduled.pre_hooks.append(self._increment)
+        elif below_cache is not None and not whole_forward:  # a package or compiled code no cache decides under
             below_cache.pre_hooks.append(self._increment)
         else:
             (transformer if whole_forward else last.norm).register_forward_pre_hook(self._increment)
@@ -328,6 +333,8 @@ def build_pipeline(
     backend = optimize_transformer(pipe.transformer, stack, device, dynamic_shapes)
     if stack.compile != "none" and device.type == "cuda":  # measured on the GPU; on CPU a compile per load for tests
         apply_vae_compile(pipe.vae, dynamic_shapes)
+    if stack.cuda_graph:
+        apply_text_encoder_graphs(pipe)
     clock.lap("stack")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

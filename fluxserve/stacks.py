@@ -22,6 +22,8 @@ PARALLELS = ("none", "ulysses", "ring")  # context parallelism: one image's toke
 # so ranks would decide differently and fall out of step. TaylorSeer (interval) and MagCache (calibrated ratios)
 # decide from the step number alone.
 ACTIVATION_DECIDED_CACHES = ("fbcache", "teacache")
+# Caches whose schedule is fixed before the first step: the ones a CUDA graph per kind of step can replay.
+FIXED_SCHEDULE_CACHES = ("magcache", "taylorseer")
 # Ring attention merges partial results with the attention kernel's log-sum-exp, which diffusers' `native` backend
 # does not return.
 RING_ATTENTIONS = ("fa2", "cudnn")
@@ -114,11 +116,14 @@ class Stack:
         if self.cuda_graph and self.compile == "full":
             raise StackError("cuda_graph captures the compiled blocks of compile 'regional'; with compile 'full' "
                              "use torch.compile's own CUDA graphs instead")
-        if self.cuda_graph and self.cache != "none":
+        if self.cuda_graph and self.cache in ACTIVATION_DECIDED_CACHES:
             raise StackError(
-                "cuda_graph cannot be combined with a step cache: the cache decides on the host, per step, "
-                "whether to run the blocks, and a CUDA graph replays fixed work"
+                f"cuda_graph cannot be combined with cache '{self.cache}': it decides from each step's activations, "
+                "on the host, whether to run the blocks, and a CUDA graph replays fixed work; use "
+                f"{' or '.join(FIXED_SCHEDULE_CACHES)}, whose schedule is fixed before the first step"
             )
+        if self.cuda_graph and self.cache != "none" and self.parallel != "none":
+            raise StackError(f"cuda_graph with cache '{self.cache}' runs on one GPU; parallel is '{self.parallel}'")
         self._check_parallel()
 
     def _check_parallel(self) -> None:
@@ -194,7 +199,7 @@ class Stack:
         if self.compile != "none":
             parts.append(f"torch.compile ({self.compile})")
         if self.cuda_graph:
-            parts.append("CUDA graph per step")
+            parts.append(f"CUDA graph per {'step' if self.cache == 'none' else 'kind of step'} and text encoder")
         if self.parallel != "none":
             parts.append(f"context parallel over {self.parallel_degree} GPUs ({PARALLEL_LABELS[self.parallel]})")
         return ", ".join(parts)
@@ -304,6 +309,13 @@ CATALOG: tuple[Stack, ...] = (
           cuda_graph=True),
     Stack(attention="cudnn", cache="magcache", cache_threshold=0.24, quantization="fp8row", fuse_gelu_quant=True,
           fuse_qkv=True, compile="regional"),
+    # The caches whose schedule is fixed before the first step, replayed from a CUDA graph per kind of step
+    # (`scheduled_cache`): MagCache beside its ungraphed stack above, then with fp8 attention, whose host work per
+    # call the graph hides, and TaylorSeer the same way.
+    *(Stack(attention=attention, cache="magcache", cache_threshold=0.24, quantization="fp8row", fuse_gelu_quant=True,
+            fuse_qkv=True, compile="regional", cuda_graph=True) for attention in ("cudnn", "fp8attn")),
+    Stack(attention="fp8attn", cache="taylorseer", cache_interval=5, quantization="fp8row", fuse_gelu_quant=True,
+          fuse_qkv=True, compile="regional", cuda_graph=True),
     # Each step replayed as one CUDA graph: no host work per kernel (eager, eager fp8, compiled fp8).
     Stack(attention="cudnn", cuda_graph=True),
     Stack(attention="cudnn", quantization="fp8row", fuse_qkv=True, cuda_graph=True),

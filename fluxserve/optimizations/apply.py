@@ -12,7 +12,8 @@ import torch
 from .activations import gelu_tanh_as_sigmoid
 from .compile_shapes import BLOCK_SIZE_DIMS, TRANSFORMER_SIZE_DIMS, VAE_DECODE_SIZE_DIMS, SizeRouted
 from .cuda_graph import apply_cuda_graph
-from ..stacks import FP8_MATMULS, FP8_QUANTIZATIONS, Stack
+from .scheduled_cache import apply_scheduled_cache, scheduled_cache
+from ..stacks import FIXED_SCHEDULE_CACHES, FP8_MATMULS, FP8_QUANTIZATIONS, Stack
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +188,15 @@ def cache_config(stack: Stack):
 
 def apply_cache(transformer, stack: Stack) -> None:
     """Enable the stack's step cache through diffusers' hook system. Every cache here skips a step without
-    calling the last block's forward, which is what `StepCounter` counts."""
+    calling the last block's forward, which is what `StepCounter` counts. A stack replaying CUDA graphs runs its
+    cache (one whose schedule is fixed before the first step) in the scheduled form graphs can replay
+    (`scheduled_cache`), with the same configuration."""
     from .teacache import TeaCacheConfig, apply_teacache
 
     config = cache_config(stack)
-    if isinstance(config, TeaCacheConfig):
+    if stack.cuda_graph and stack.cache in FIXED_SCHEDULE_CACHES:
+        apply_scheduled_cache(transformer, stack.cache, config)
+    elif isinstance(config, TeaCacheConfig):
         apply_teacache(transformer, config)
     else:
         transformer.enable_cache(config)
@@ -206,14 +211,19 @@ def set_cache_steps(transformer, steps: int) -> None:
 
     from .teacache import TeaCacheConfig
 
-    config = transformer._cache_config  # where diffusers, and apply_teacache, keep the enabled cache's config
+    scheduled = scheduled_cache(transformer)
+    # where diffusers, and apply_teacache, keep the enabled cache's config
+    config = scheduled.config if scheduled is not None else transformer._cache_config
+    last_step = steps - 1
     if isinstance(config, TeaCacheConfig):
         config.num_inference_steps = steps
     elif isinstance(config, MagCacheConfig):
         config.num_inference_steps = steps
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
+    if scheduled is not None:
+        scheduled.start(steps, compute_from=last_step if isinstance(config, TaylorSeerCacheConfig) else None)
     elif isinstance(config, TaylorSeerCacheConfig):
-        _compute_taylorseer_from_step(transformer, steps - 1)
+        _compute_taylorseer_from_step(transformer, last_step)
 
 
 def _compute_taylorseer_from_step(transformer, step: int) -> None:
@@ -275,7 +285,8 @@ def apply_sigmoid_gelu(transformer) -> None:
 
 
 # Step caches whose hook on every block runs under `@torch.compiler.disable`, the block's own forward included:
-# diffusers' MagCache (MagCacheHeadHook and MagCacheBlockHook.new_forward). See `compile_block_forwards`.
+# diffusers' MagCache (MagCacheHeadHook and MagCacheBlockHook.new_forward); its scheduled form (`scheduled_cache`)
+# wraps every block's forward too, eagerly. See `compile_block_forwards`.
 EAGER_BLOCK_HOOK_CACHES = ("magcache",)
 COUNTED_FORWARD = "_fluxserve_counted_forward"  # a block's attribute: its compiled forward below any step cache
 
@@ -411,6 +422,6 @@ def optimize_transformer(transformer, stack: Stack, device: torch.device, dynami
         apply_context_parallel(transformer, stack, device)
     if stack.compile != "none" and not (compile_first or ahead_of_time):
         apply_compile(transformer, stack.compile, stack.cache, dynamic_shapes)
-    if stack.cuda_graph:
-        apply_cuda_graph(transformer)
+    if stack.cuda_graph:  # below a scheduled step cache, whose step function the graphs replay
+        apply_cuda_graph(scheduled_cache(transformer) or transformer)
     return backend

@@ -1,0 +1,94 @@
+"""A step-cache stack replayed from CUDA graphs against the same stack without them, in one process: steps computed,
+latency, where a request's time goes, load time and the PSNR of the graphed image against the ungraphed one (a graph
+must not change the image). The ungraphed version is the stack with `cuda_graph` off, built from its fields (it
+need not be in the catalog). Prints one JSON line per stack and version.
+
+    python3 -m perf.diagnostics.graphed_caches \\
+        --stacks bf16-fp8attn-magcache-0.24-fp8row-fusedgelu-fusedqkv-compile-regional-cudagraph --requests 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from fluxserve.pipeline import build_pipeline
+from fluxserve.stacks import catalog_by_name
+from fluxserve.weights import parse_source
+from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
+from perf.measure import psnr
+
+GRAPHED_CACHE_STACKS = sorted(name for name, stack in catalog_by_name().items()
+                              if stack.cuda_graph and stack.cache != "none")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m perf.diagnostics.graphed_caches", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stacks_argument(parser, GRAPHED_CACHE_STACKS, "graphed step-cache")
+    add_request_arguments(parser, requests=10)
+    parser.add_argument("--out", help="also write every line's object to this JSON file")
+    return parser.parse_args(argv)
+
+
+def measure(stack, weights, device: torch.device, request, requests: int) -> tuple[dict, np.ndarray]:
+    """Load the stack (warm-up at the request's size), then time `requests` requests; returns the row and the image."""
+    started = time.perf_counter()
+    pipeline = build_pipeline(stack, weights, device, warm_up=request, specialised_sizes=[(request.height,
+                                                                                             request.width)])
+    load_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats(device)
+    latencies, generations = [], []
+    for _ in range(requests):
+        started = time.perf_counter()
+        generations.append(pipeline.generate(request))
+        latencies.append(time.perf_counter() - started)
+    timings = {phase: round(statistics.median(g.timings_ms[phase] for g in generations), 2)
+               for phase in generations[0].timings_ms}
+    ordered = sorted(latencies)
+    row = {
+        "stack": stack.name, "graphed": stack.cuda_graph, "device": pipeline.device_name, "size": request.height,
+        "steps": request.steps, "steps_computed": generations[-1].steps_computed, "requests": requests,
+        "min_s": round(ordered[0], 4), "p50_s": round(statistics.median(ordered), 4), "max_s": round(ordered[-1], 4),
+        "p99_over_p50": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] / statistics.median(ordered), 3),
+        "timings_ms_median": timings, "load_s": round(load_s, 1), "load_phases": pipeline.load_phases,
+        "peak_memory_gib": pipeline.peak_memory_gib(),
+        "compiled_while_serving": [g.compiled for g in generations if g.compiled],
+    }
+    image = generations[-1].image
+    del pipeline, generations
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row, image
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda")
+    weights = parse_source(args.weights)
+    request = request_from(args)
+    rows = []
+    for name in args.stacks:
+        graphed = catalog_by_name()[name]
+        plain_row, plain_image = measure(dataclasses.replace(graphed, cuda_graph=False), weights, device, request,
+                                         args.requests)
+        graphed_row, graphed_image = measure(graphed, weights, device, request, args.requests)
+        graphed_row["psnr_vs_ungraphed_db"] = round(psnr(graphed_image, plain_image), 2)
+        graphed_row["p50_vs_ungraphed"] = round(graphed_row["p50_s"] / plain_row["p50_s"], 4)
+        for row in (plain_row, graphed_row):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(rows, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
