@@ -1,7 +1,9 @@
 """A step-cache stack replayed from CUDA graphs against the same stack without them, in one process: steps computed,
-latency, where a request's time goes, load time and the PSNR of the graphed image against the ungraphed one (a graph
-must not change the image). The ungraphed version is the stack with `cuda_graph` off, built from its fields (it
-need not be in the catalog). Prints one JSON line per stack and version.
+latency, where a request's time goes, load time and the PSNR of the graphed image against the ungraphed one. The
+ungraphed version is the stack with `cuda_graph` off, built from its fields (it need not be in the catalog): it runs
+diffusers' hooks, with its own compiled code. So the graphed stack's image is also compared with the same pipeline's
+steps run without replaying their graphs (`eager_forward`): a graph must not change the image. Prints one JSON line
+per stack and version.
 
     python3 -m perf.diagnostics.graphed_caches \\
         --stacks bf16-fp8attn-magcache-0.24-fp8row-fusedgelu-fusedqkv-compile-regional-cudagraph --requests 10
@@ -19,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from fluxserve.optimizations.cuda_graph import eager_forward
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
@@ -63,6 +66,9 @@ def measure(stack, weights, device: torch.device, request, requests: int) -> tup
         "compiled_while_serving": [g.compiled for g in generations if g.compiled],
     }
     image = generations[-1].image
+    if stack.cuda_graph:
+        with eager_forward(pipeline.pipe.transformer):
+            row["psnr_vs_steps_without_graphs_db"] = round(psnr(image, pipeline.generate(request).image), 2)
     del pipeline, generations
     gc.collect()
     torch.cuda.empty_cache()
