@@ -2,8 +2,9 @@
 latency, where a request's time goes, load time and the PSNR of the graphed image against the ungraphed one. The
 ungraphed version is the stack with `cuda_graph` off, built from its fields (it need not be in the catalog): it runs
 diffusers' hooks, with its own compiled code. So the graphed stack's image is also compared with the same pipeline's
-steps run without replaying their graphs (`eager_forward`): a graph must not change the image. Prints one JSON line
-per stack and version.
+steps run without replaying their graphs (`eager_forward`): a graph must not change the image. Then the step budget:
+a computed and a skipped forward timed alone (`step_cost`, two more requests), and the P50 against steps computed x
+a computed forward + the time outside the loop. Prints one JSON line per stack and version.
 
     python3 -m perf.diagnostics.graphed_caches \\
         --stacks bf16-fp8attn-magcache-0.24-fp8row-fusedgelu-fusedqkv-compile-regional-cudagraph --requests 10
@@ -26,6 +27,7 @@ from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
 from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
+from perf.diagnostics.step_cost import forward_times_ms, rounded_median
 from perf.measure import psnr
 
 GRAPHED_CACHE_STACKS = sorted(name for name, stack in catalog_by_name().items()
@@ -66,6 +68,12 @@ def measure(stack, weights, device: torch.device, request, requests: int) -> tup
         "compiled_while_serving": [g.compiled for g in generations if g.compiled],
     }
     image = generations[-1].image
+    forwards = forward_times_ms(pipeline, request, 2)
+    computed_ms, skipped_ms = rounded_median(forwards["computed"]), rounded_median(forwards["skipped"])
+    outside_s = row["p50_s"] - timings["denoise"] / 1000
+    budget_s = row["steps_computed"] * computed_ms / 1000 + outside_s
+    row.update(computed_forward_ms=computed_ms, skipped_forward_ms=skipped_ms, outside_loop_s=round(outside_s, 4),
+               budget_s=round(budget_s, 4), p50_over_budget=round(row["p50_s"] / budget_s - 1, 4))
     if stack.cuda_graph:
         with eager_forward(pipeline.pipe.transformer):
             row["psnr_vs_steps_without_graphs_db"] = round(psnr(image, pipeline.generate(request).image), 2)
