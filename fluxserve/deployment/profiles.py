@@ -79,7 +79,8 @@ FASTEST_CACHE = "bf16-fp8attn-magcache-0.24-fp8row-fusedgelu-fusedqkv-compile-re
 
 # Two GPUs per pod: the throughput stack on each GPU, and a context-parallel stack over both for lower latency
 # per image (the DESIGN probe: Ulysses scales well to 2 GPUs, poorly past); on the H200's 141 GB also the
-# fastest image of any kind measured (a step cache). 80 GB GPUs hold two stacks each, so the A100 has no room for a third.
+# fastest image of any kind measured (a step cache). 80 GB GPUs hold two stacks each, so the A100 has no room for
+# a third.
 PROFILES: tuple[GpuProfile, ...] = (
     GpuProfile(
         name="a100-80gb", gpu="NVIDIA A100 80GB", products=("NVIDIA-A100-SXM4-80GB",), memory_gib=80.0,

@@ -25,7 +25,7 @@ WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, c
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: dict[int | str, torch.Tensor]  # the buffers the graph reads (by position or name); each call copies into them
+    inputs: dict[int | str, torch.Tensor]  # the buffers the graph reads (by position or name), refilled per call
     outputs: object  # what the captured forward returned; overwritten by the next replay
 
 
