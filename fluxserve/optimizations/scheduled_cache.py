@@ -57,9 +57,10 @@ def taylorseer_schedule(config, steps: int, compute_from: int | None) -> tuple[b
 
 
 class ScheduledCache:
-    """Stands in for the transformer's forward: runs each step as the schedule says, through `forward(step_kind=...,
-    **inputs)` (the step function, which `apply_cuda_graph` makes replay graphs). `pre_hooks` run before every
-    computed step (the step counter), outside any graph. Subclasses give the schedule and the skipped step."""
+    """Stands in for the transformer's forward (called with keywords only, as diffusers' pipelines do): runs each
+    step as the schedule says, through `forward(step_kind=..., **inputs)` (the step function, which
+    `apply_cuda_graph` makes replay graphs). `pre_hooks` run before every computed step (the step counter), outside
+    any graph. Subclasses give the schedule and the skipped step."""
 
     def __init__(self, transformer: torch.nn.Module, config) -> None:
         self.transformer_forward = transformer.forward
