@@ -276,7 +276,8 @@ class StackPipeline:
         from torch.profiler import ProfilerActivity, profile
 
         embeddings = self._encode(request.prompt)
-        with eager_forward(self.pipe.transformer), paused(self.pipe.transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
+        transformer = self.pipe.transformer
+        with eager_forward(transformer), paused(transformer), profile(activities=[ProfilerActivity.CPU]) as prof:
             self._denoise(embeddings, dataclasses.replace(request, steps=1), should_stop=None)
         self.attention_kernel = attention_kernel_from_events(e.name for e in prof.events())
         clock.lap("kernel_check")
@@ -311,9 +312,9 @@ def build_pipeline(
     `warm_up_sizes`: other (height, width) a compiled or graphed stack runs once at load (`StackPipeline.warm_up`).
     `dynamic_shapes`: compiled code serves every size (`optimizations.apply.apply_compile`); off, it is specialised
     to the sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by
-    requests at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use (`prompt_cache`), given
-    to the pipeline after the warm-up so that it holds and counts requests alone (context-parallel workers build
-    without one). A compiled stack first fills its compile caches from its portable artifact, when there is
+    requests at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use
+    (`prompt_cache`), given to the pipeline after the warm-up so that it holds and counts requests alone
+    (context-parallel workers build without one). A compiled stack first fills its compile caches from its portable artifact, when there is
     one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).
 
     The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
@@ -349,7 +350,8 @@ def build_pipeline(
         # a few graphs even after an artifact (traced again, seconds) and Inductor then hits.
         compiled_anew = stack_pipeline.compile_stats["inductor_cache_misses"] > 0
         written = save_artifact(stack, device) if compiled_anew or artifact_read is None else None
-        stack_pipeline.compile_artifact = {"read": artifact_read and str(artifact_read), "written": written and str(written)}
+        stack_pipeline.compile_artifact = {"read": artifact_read and str(artifact_read),
+                                           "written": written and str(written)}
     return stack_pipeline
 
 
