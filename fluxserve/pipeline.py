@@ -314,8 +314,9 @@ def build_pipeline(
     to the sizes of the warm-up. `specialised_sizes`: sizes a compiled stack also compiles code for alone, run by
     requests at those sizes (`compile_shapes`). `prompt_cache`: the text embeddings' cache requests use
     (`prompt_cache`), given to the pipeline after the warm-up so that it holds and counts requests alone
-    (context-parallel workers build without one). A compiled stack first fills its compile caches from its portable artifact, when there is
-    one for this GPU and these versions, and writes one when the load compiled anything (`compile_artifacts`).
+    (context-parallel workers build without one). A compiled stack first fills its compile caches from its portable
+    artifact, when there is one for this GPU and these versions, and writes one when the load compiled anything
+    (`compile_artifacts`).
 
     The result's `load_phases` says where the load time went, in seconds: `weights`, `stack` (quantizing,
     wrapping), `warm_up` (the first request: compilation, graph capture), `warm_up_sizes` (the other sizes, when

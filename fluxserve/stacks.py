@@ -22,8 +22,8 @@ PARALLELS = ("none", "ulysses", "ring")  # context parallelism: one image's toke
 # so ranks would decide differently and fall out of step. TaylorSeer (interval) and MagCache (calibrated ratios)
 # decide from the step number alone.
 ACTIVATION_DECIDED_CACHES = ("fbcache", "teacache")
-# Caches whose schedule is fixed before the first step: the ones a CUDA graph per kind of step can replay.
-FIXED_SCHEDULE_CACHES = ("magcache", "taylorseer")
+# The others' schedule is fixed before the first step: the caches a CUDA graph per kind of step can replay.
+FIXED_SCHEDULE_CACHES = tuple(cache for cache in CACHES if cache not in ("none", *ACTIVATION_DECIDED_CACHES))
 # Ring attention merges partial results with the attention kernel's log-sum-exp, which diffusers' `native` backend
 # does not return.
 RING_ATTENTIONS = ("fa2", "cudnn")

@@ -288,8 +288,8 @@ def apply_sigmoid_gelu(transformer) -> None:
 # are compiled beneath them instead (`compile_block_forwards`): diffusers' MagCache, whose hooks run under
 # `@torch.compiler.disable`, the block's forward included (its scheduled form, `scheduled_cache`, wraps every block's
 # forward too, eagerly); and TaylorSeer, whose hook graph-breaks into its step decision and resumes in code guarded
-# per block, past Dynamo's recompile limit by the ninth block, which then ran eagerly (on the H200, 1.74 s against
-# 0.86 s for its scheduled form: perf/results/h200/s13-graphed-caches).
+# per block, past Dynamo's recompile limit by the ninth block, which then ran eagerly (on the H200, in-process,
+# 1.74 s against 0.99 s compiled beneath the hooks: perf/results/h200/s13-graphed-caches).
 EAGER_BLOCK_HOOK_CACHES = ("magcache", "taylorseer")
 COUNTED_FORWARD = "_fluxserve_counted_forward"  # a block's attribute: its compiled forward below any step cache
 
