@@ -26,6 +26,7 @@ from fluxserve.optimizations.cuda_graph import eager_forward
 from fluxserve.pipeline import build_pipeline
 from fluxserve.stacks import catalog_by_name
 from fluxserve.weights import parse_source
+from perf import LatencySummary
 from perf.diagnostics.in_process import add_request_arguments, add_stacks_argument, request_from
 from perf.diagnostics.step_cost import forward_times_ms, rounded_median
 from perf.measure import psnr
@@ -57,12 +58,12 @@ def measure(stack, weights, device: torch.device, request, requests: int) -> tup
         latencies.append(time.perf_counter() - started)
     timings = {phase: round(statistics.median(g.timings_ms[phase] for g in generations), 2)
                for phase in generations[0].timings_ms}
-    ordered = sorted(latencies)
+    latency = LatencySummary.of(latencies)
     row = {
         "stack": stack.name, "graphed": stack.cuda_graph, "device": pipeline.device_name, "size": request.height,
         "steps": request.steps, "steps_computed": generations[-1].steps_computed, "requests": requests,
-        "min_s": round(ordered[0], 4), "p50_s": round(statistics.median(ordered), 4), "max_s": round(ordered[-1], 4),
-        "p99_over_p50": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] / statistics.median(ordered), 3),
+        "min_s": round(latency.min, 4), "p50_s": round(latency.p50, 4), "max_s": round(max(latencies), 4),
+        "p99_over_p50": round(latency.p99 / latency.p50, 3),
         "timings_ms_median": timings, "load_s": round(load_s, 1), "load_phases": pipeline.load_phases,
         "peak_memory_gib": pipeline.peak_memory_gib(),
         "compiled_while_serving": [g.compiled for g in generations if g.compiled],
